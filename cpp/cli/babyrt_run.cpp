@@ -1,0 +1,114 @@
+// babyrt-run: generate text from an artifact on the command line.
+//   babyrt-run ARTIFACT -p PROMPT -n N [-t T] [-k K] [--top-p P] [--seed S] [--stop STR]...
+//              [--device cpu|cuda] [--dtype fp32|bf16|fp16]
+// Prints the text as it is made, then a tok/s line on stderr. Exit 0 on success, 1 on a
+// runtime error, 2 on a usage error; errors are one line on stderr.
+#include <charconv>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+
+#include "runtime/model.h"
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: babyrt-run ARTIFACT_DIR -p PROMPT [-n N] [-t TEMPERATURE] [-k TOP_K] [--top-p P]\n"
+    "                  [--seed S] [--stop STRING]... [--device cpu|cuda] [--dtype fp32|bf16|fp16]\n"
+    "  -n N          new tokens to generate (default 256)\n"
+    "  -t T          temperature, 0 = greedy (default 0.8)\n"
+    "  -k K          top-k, 0 = off (default 0)\n"
+    "  --top-p P     nucleus sampling in (0, 1], 1 = off (default 0.95)\n"
+    "  --seed S      random seed (default: from the system)\n"
+    "  --stop STR    stop before this text (repeatable)\n";
+
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+template <typename T>
+T parse_number(const char* flag, const char* text) {
+  T value{};
+  const char* end = text + std::strlen(text);
+  auto [ptr, ec] = std::from_chars(text, end, value);
+  if (ec != std::errc() || ptr != end || ptr == text)
+    throw UsageError(std::string(flag) + " expects a number, got '" + text + "'");
+  return value;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string artifact, prompt;
+  bool have_prompt = false, have_seed = false;
+  babyrt::GenerateOptions options;
+  babyrt::LoadOptions load;
+  try {
+    for (int i = 1; i < argc; ++i) {
+      const std::string a = argv[i];
+      auto value = [&]() -> const char* {
+        if (i + 1 >= argc) throw UsageError(a + " needs a value");
+        return argv[++i];
+      };
+      if (a == "-h" || a == "--help") {
+        std::fputs(kUsage, stdout);
+        return 0;
+      } else if (a == "-p" || a == "--prompt") {
+        prompt = value();
+        have_prompt = true;
+      } else if (a == "-n") {
+        options.max_new_tokens = parse_number<int64_t>("-n", value());
+      } else if (a == "-t") {
+        options.sampling.temperature = parse_number<float>("-t", value());
+      } else if (a == "-k") {
+        options.sampling.top_k = parse_number<int64_t>("-k", value());
+      } else if (a == "--top-p") {
+        options.sampling.top_p = parse_number<float>("--top-p", value());
+      } else if (a == "--seed") {
+        options.sampling.seed = parse_number<uint64_t>("--seed", value());
+        have_seed = true;
+      } else if (a == "--stop") {
+        options.stop.emplace_back(value());
+      } else if (a == "--device") {
+        load.device = value();
+      } else if (a == "--dtype") {
+        load.dtype = value();
+      } else if (!a.empty() && a[0] == '-') {
+        throw UsageError("unknown option " + a);
+      } else if (artifact.empty()) {
+        artifact = a;
+      } else {
+        throw UsageError("unexpected argument '" + a + "'");
+      }
+    }
+    if (artifact.empty()) throw UsageError("missing ARTIFACT_DIR");
+    if (!have_prompt) throw UsageError("missing -p PROMPT");
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "babyrt-run: error: %s\n%s", e.what(), kUsage);
+    return 2;
+  }
+  if (!have_seed) options.sampling.seed = std::random_device{}();
+
+  try {
+    auto model = babyrt::Model::load(artifact, load);
+    babyrt::GenerationStats stats;
+    model->generate(prompt, options, &stats, [](std::string_view piece) {
+      std::fwrite(piece.data(), 1, piece.size(), stdout);
+      std::fflush(stdout);
+    });
+    std::fputc('\n', stdout);
+    std::fflush(stdout);
+    const double pp = stats.prefill_seconds > 0 ? stats.prompt_tokens / stats.prefill_seconds : 0;
+    const double tg = stats.decode_seconds > 0 ? stats.decode_steps / stats.decode_seconds : 0;
+    std::fprintf(stderr,
+                 "prompt %lld tokens, %.1f tok/s | generated %lld tokens, %.1f tok/s | %s | %s %s\n",
+                 static_cast<long long>(stats.prompt_tokens), pp,
+                 static_cast<long long>(stats.generated_tokens), tg, stats.finish_reason.c_str(),
+                 model->device().c_str(), model->dtype().c_str());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "babyrt-run: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,114 @@
+"""The `babyrt` command: train, export, generate, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_train(a) -> None:
+    from .training.trainer import train
+
+    overrides = {"device": a.device}
+    if a.max_steps is not None:
+        overrides["max_steps"] = a.max_steps
+    s = train(a.data, a.out, a.model, preset=a.preset, tokenizer=a.tokenizer,
+              vocab_size=a.vocab_size, train_overrides=overrides)
+    print(f"{s['params']:,} parameters, {s['steps']} steps, best val loss "
+          f"{s['best_val_loss']:.4f}, {s['seconds']:.1f} s -> {s['out_dir']}")
+
+
+def _cmd_export(a) -> None:
+    from .export import export_checkpoint
+
+    r = export_checkpoint(a.checkpoint, a.out, dtype=a.dtype)
+    print(f"wrote {r['path']} ({r['bytes']:,} bytes)")
+
+
+def _cmd_generate(a) -> None:
+    import babyrt
+
+    model = babyrt.load(a.artifact, device=a.device, dtype=a.dtype)
+    for piece in model.stream(a.prompt, max_new_tokens=a.n, temperature=a.temperature,
+                              top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop=a.stop):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    s = model.last_stats
+    tps = s["decode_steps"] / s["decode_seconds"] if s["decode_seconds"] else 0.0
+    print(json.dumps({**s, "tokens_per_second": round(tps, 1)}) if a.json else
+          f"{s['generated_tokens']} tokens, {tps:.1f} tok/s, {s['finish_reason']}",
+          file=sys.stderr)
+
+
+def _cmd_demo(a) -> None:
+    from .demo import run_demo
+
+    run_demo(workdir=a.workdir, max_steps=a.max_steps, prompt=a.prompt)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .training.models import MODELS
+    from .training.presets import PRESETS
+
+    p = argparse.ArgumentParser(prog="babyrt", description="Train, export and run small language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model on a text file, leaving a checkpoint directory")
+    t.add_argument("--model", choices=sorted(MODELS), default="llama2")
+    t.add_argument("--data", required=True, help="UTF-8 text file")
+    t.add_argument("--out", required=True, help="checkpoint directory to write")
+    t.add_argument("--preset", choices=sorted(PRESETS))
+    t.add_argument("--tokenizer", choices=["char", "sp"], default="char")
+    t.add_argument("--vocab-size", type=int, help="sentencepiece vocabulary size (default 1000)")
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--device", default="cpu")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("export", help="turn a checkpoint directory into an artifact")
+    e.add_argument("checkpoint")
+    e.add_argument("--out", required=True, help="artifact directory to write")
+    e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    e.set_defaults(func=_cmd_export)
+
+    g = sub.add_parser("generate", help="generate text from an artifact with the C++ runtime")
+    g.add_argument("artifact")
+    g.add_argument("-p", "--prompt", required=True)
+    g.add_argument("-n", type=int, default=256, help="max new tokens")
+    g.add_argument("-t", "--temperature", type=float, default=0.8)
+    g.add_argument("-k", "--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
+    g.add_argument("--json", action="store_true", help="print the stats line as JSON")
+    g.set_defaults(func=_cmd_generate)
+
+    d = sub.add_parser("demo", help="train on the stdlib's docstrings, export, generate (no data needed)")
+    d.add_argument("--workdir", help="where to put the corpus, checkpoint and artifact "
+                                     "(default ~/.cache/babyrt/demo)")
+    d.add_argument("--max-steps", type=int)
+    d.add_argument("--prompt", default="Return the ")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from . import Error
+    from .training.data import DataError
+    from .training.tokenizers import TokenizerError
+
+    try:
+        args.func(args)
+    except (Error, DataError, TokenizerError, ValueError, FileNotFoundError) as e:
+        print(f"babyrt: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

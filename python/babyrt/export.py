@@ -1,0 +1,47 @@
+"""Checkpoint directory -> artifact directory (TorchScript module + tokenizer.bin)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from .artifact import artifact_size, write_artifact
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def export_model(model: torch.nn.Module, tokenizer_info: dict, tokenizer_bin, out_dir,
+                 dtype: str = "fp32", model_config: dict | None = None) -> Path:
+    """Script `model` and write it as an artifact. tokenizer_info carries kind, bos_id,
+    eos_id and add_bos."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    model = model.eval().to(DTYPES[dtype])
+    with torch.no_grad():
+        scripted = torch.jit.script(model)
+    metadata = {
+        **model.export_metadata(),
+        "dtype": dtype,
+        "quantization": "none",
+        "bos_id": tokenizer_info["bos_id"],
+        "eos_id": tokenizer_info["eos_id"],
+        "add_bos": tokenizer_info["add_bos"],
+        "tokenizer_kind": tokenizer_info["kind"],
+    }
+    if model_config is not None:
+        metadata["model_config"] = model_config
+    return write_artifact(out_dir, scripted, metadata, tokenizer_bin)
+
+
+def export_checkpoint(ckpt_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
+                      dtype: str = "fp32") -> dict:
+    """Export a checkpoint directory left by `babyrt train`. Returns the path and its size."""
+    from .training.trainer import load_checkpoint
+
+    model, config = load_checkpoint(ckpt_dir)
+    out = export_model(model, config["tokenizer"], Path(ckpt_dir) / "tokenizer.bin", out_dir,
+                       dtype=dtype, model_config={"model": config["model"],
+                                                  **config["model_config"]})
+    return {"path": str(out), "bytes": artifact_size(out)}
