@@ -16,7 +16,11 @@ constexpr int kIncomplete = -1;
 
 // Length of the valid UTF-8 character at s[0..n): 1-4, 0 if invalid, kIncomplete if the
 // bytes so far are a valid start that needs more. Rejects overlongs, surrogates and > U+10FFFF.
-int utf8_char_len(const unsigned char* s, size_t n) {
+// *subpart gets the length of the valid prefix (at least 1): the bytes one U+FFFD replaces.
+int utf8_char_len(const unsigned char* s, size_t n, int* subpart = nullptr) {
+  int scratch;
+  if (!subpart) subpart = &scratch;
+  *subpart = 1;
   const unsigned char c = s[0];
   if (c < 0x80) return 1;
   int len;
@@ -31,6 +35,7 @@ int utf8_char_len(const unsigned char* s, size_t n) {
   else if (c == 0xF4) len = 4, hi = 0x8F;
   else return 0;
   for (int i = 1; i < len; ++i) {
+    *subpart = i;
     if (static_cast<size_t>(i) >= n) return kIncomplete;
     const unsigned char lo_i = i == 1 ? lo : 0x80, hi_i = i == 1 ? hi : 0xBF;
     if (s[i] < lo_i || s[i] > hi_i) return 0;
@@ -40,20 +45,22 @@ int utf8_char_len(const unsigned char* s, size_t n) {
 
 constexpr std::string_view kReplacement = "\xEF\xBF\xBD";  // U+FFFD
 
-// Appends the valid prefix of `bytes` to out, invalid bytes as U+FFFD; returns how many bytes
-// at the end form an incomplete character (left for the caller when `hold_tail`).
+// Appends `bytes` to out with each maximal invalid subpart as one U+FFFD (as Python's
+// errors="replace" does); returns how many bytes at the end form an incomplete character
+// (left for the caller when `hold_tail`).
 size_t append_valid(std::string_view bytes, std::string& out, bool hold_tail) {
   const auto* s = reinterpret_cast<const unsigned char*>(bytes.data());
   size_t i = 0, n = bytes.size();
   while (i < n) {
-    int len = utf8_char_len(s + i, n - i);
+    int subpart;
+    int len = utf8_char_len(s + i, n - i, &subpart);
     if (len == kIncomplete) {
       if (hold_tail) return n - i;
       len = 0;
     }
     if (len == 0) {
       out.append(kReplacement);
-      ++i;
+      i += subpart;
     } else {
       out.append(bytes.substr(i, len));
       i += len;
@@ -206,8 +213,20 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_bos) cons
   }
   if (text.empty()) return out;
   std::string s;
-  if (options_.sentencepiece) s.push_back(' ');  // the dummy prefix
-  s.append(text);
+  if (options_.sentencepiece) {
+    s.push_back(' ');  // the dummy prefix
+    // sentencepiece writes spaces as U+2581, so a literal U+2581 is a space to it.
+    for (size_t i = 0; i < text.size(); ++i) {
+      if (text.compare(i, 3, "\xE2\x96\x81") == 0) {
+        s.push_back(' ');
+        i += 2;
+      } else {
+        s.push_back(text[i]);
+      }
+    }
+  } else {
+    s.append(text);
+  }
 
   // Symbols start as single characters (an invalid byte is a symbol of its own).
   struct Symbol {

@@ -38,6 +38,9 @@ def write_artifact(out_dir: Union[str, os.PathLike], module: torch.jit.ScriptMod
         torch.jit.save(module, str(tmp / MODEL_FILE),
                        _extra_files={METADATA_RECORD: json.dumps(metadata, indent=1)})
         shutil.copyfile(tokenizer_bin, tmp / TOKENIZER_FILE)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; an artifact is an ordinary dir
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

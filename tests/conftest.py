@@ -1,0 +1,74 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import babyrt
+from babyrt.corpus import stdlib_docstrings
+from babyrt.export import export_model
+from babyrt.training.models import Llama, LlamaConfig
+from babyrt.training.tokenizers import CharTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("BABYRT_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    d = shared_data_dir()
+    if not (d / "ALL_eminem.txt").is_file():
+        pytest.skip(f"shared test data not found at {d} (set BABYRT_SHARED_DATA)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def corpus_text() -> str:
+    return stdlib_docstrings(max_chars=60_000)
+
+
+def make_char_artifact(tmp: Path, text: str, cfg: dict, seed: int = 0, dtype: str = "fp32"):
+    """A randomly initialised Llama over `text`'s characters, exported; (eager model, artifact dir)."""
+    tok = CharTokenizer.train(text)
+    tmp.mkdir(parents=True, exist_ok=True)
+    info = {**tok.save(tmp), "bos_id": -1, "eos_id": -1, "add_bos": False}
+    torch.manual_seed(seed)
+    model = Llama(LlamaConfig(vocab_size=tok.vocab_size, **cfg)).eval()
+    art = export_model(model, info, tmp / "tokenizer.bin", tmp / "artifact", dtype=dtype)
+    return model, art, tok
+
+
+GQA = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, context_length=48, multiple_of=16)
+MHA = dict(dim=48, n_layers=3, n_heads=3, context_length=40, multiple_of=16)
+
+
+@pytest.fixture(scope="session")
+def gqa_model(tmp_path_factory, corpus_text):
+    return make_char_artifact(tmp_path_factory.mktemp("gqa"), corpus_text, GQA)
+
+
+@pytest.fixture(scope="session")
+def mha_model(tmp_path_factory, corpus_text):
+    return make_char_artifact(tmp_path_factory.mktemp("mha"), corpus_text, MHA, seed=1)
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory, corpus_text) -> Path:
+    p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    p.write_text(corpus_text)
+    return p
+
+
+def run_cli(*args, check=False, timeout=600):
+    """Run a console command installed beside this Python."""
+    exe = Path(sys.executable).parent / args[0]
+    if not exe.exists():
+        exe = shutil.which(args[0])
+    return subprocess.run([str(exe), *map(str, args[1:])], capture_output=True, text=True,
+                          timeout=timeout, check=check)
