@@ -10,12 +10,24 @@ def _cmd_train(a) -> None:
     from .training.trainer import train
 
     overrides = {"device": a.device}
-    if a.max_steps is not None:
-        overrides["max_steps"] = a.max_steps
+    for key, value in (("max_steps", a.max_steps), ("dtype", a.precision),
+                       ("batch_size", a.batch_size), ("peak_tflops", a.peak_tflops)):
+        if value is not None:
+            overrides[key] = value
+    if a.compile:
+        overrides["compile"] = True
+    lora = {k: v for k, v in (("rank", a.lora_rank), ("alpha", a.lora_alpha)) if v is not None}
+    if not a.resume and a.data is None:
+        raise ValueError("--data is required (except with --resume)")
     s = train(a.data, a.out, a.model, preset=a.preset, tokenizer=a.tokenizer,
-              vocab_size=a.vocab_size, train_overrides=overrides)
-    print(f"{s['params']:,} parameters, {s['steps']} steps, best val loss "
-          f"{s['best_val_loss']:.4f}, {s['seconds']:.1f} s -> {s['out_dir']}")
+              vocab_size=a.vocab_size, base=a.base, train_overrides=overrides,
+              lora_overrides=lora, resume=a.resume, stop_at=a.stop_at)
+    params = (f"{s['trainable_params']:,} trainable of {s['params']:,} parameters"
+              if s["trainable_params"] != s["params"] else f"{s['params']:,} parameters")
+    where = f"paused at step {s['stopped_at']}" if s["stopped_at"] else f"{s['steps']} steps"
+    print(f"{s['model']}: {params}, {where}, best val loss {s['best_val_loss']:.4f}, "
+          f"{s['tokens_per_second'] or 0:,.0f} tok/s, MFU {100 * (s['mfu'] or 0):.2f}%, "
+          f"{s['seconds']:.1f} s -> {s['out_dir']}")
 
 
 def _cmd_export(a) -> None:
@@ -55,14 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model on a text file, leaving a checkpoint directory")
-    t.add_argument("--model", choices=sorted(MODELS), default="llama2")
-    t.add_argument("--data", required=True, help="UTF-8 text file")
+    t.add_argument("--model", choices=sorted(MODELS), help="default: the preset's, else llama2")
+    t.add_argument("--data", help="UTF-8 text file")
     t.add_argument("--out", required=True, help="checkpoint directory to write")
     t.add_argument("--preset", choices=sorted(PRESETS))
     t.add_argument("--tokenizer", choices=["char", "sp"], default="char")
     t.add_argument("--vocab-size", type=int, help="sentencepiece vocabulary size (default 1000)")
     t.add_argument("--max-steps", type=int)
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    t.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="autocast dtype (fp16 uses a GradScaler)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--peak-tflops", type=float, help="MFU denominator (default: measured)")
+    t.add_argument("--base", help="babygpt-lora: the trained babygpt checkpoint to adapt")
+    t.add_argument("--lora-rank", type=int)
+    t.add_argument("--lora-alpha", type=float)
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--stop-at", type=int, help="pause after this step, saving state to resume")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("export", help="turn a checkpoint directory into an artifact")

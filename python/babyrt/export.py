@@ -41,6 +41,9 @@ def export_checkpoint(ckpt_dir: Union[str, os.PathLike], out_dir: Union[str, os.
     from .training.trainer import load_checkpoint
 
     model, config = load_checkpoint(ckpt_dir)
+    if config["model"] == "babygpt-lora":
+        from .training.models import merge_lora
+        model = merge_lora(model)  # the artifact is a plain BabyGPT with W + (alpha/r) B A
     out = export_model(model, config["tokenizer"], Path(ckpt_dir) / "tokenizer.bin", out_dir,
                        dtype=dtype, model_config={"model": config["model"],
                                                   **config["model_config"]})

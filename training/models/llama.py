@@ -1,22 +1,20 @@
-"""LLaMA 2 style decoder: RoPE, RMSNorm, SwiGLU and grouped-query attention.
+"""LLaMA 2 style decoder: RoPE, RMSNorm, SwiGLU and grouped-query attention, with hidden size
+rounded up to `multiple_of`. LLaMA v1 is the same network with n_kv_heads == n_heads (llama1.py).
 
-One module serves training and export. forward(tokens, positions, k_cache, v_cache):
-  tokens, positions: int64 [B, T]; positions index the cache.
-  k_cache, v_cache:  [n_layers, B, n_kv_heads, context_length, head_dim], owned by the caller
-                     and updated in place; empty tensors (or None) for plain causal training.
-  returns float32 logits [B, T, vocab_size].
-There is no host synchronisation and no Python int derived from tensor values, so the
-scripted module can be captured in a CUDA graph.
+forward(tokens, positions, k_cache, v_cache) is the artifact's calling convention
+(docs/artifact-format.md); with no cache it runs plain causal attention for training.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .layers import (RMSNorm, apply_rope, attend, cache_mask, default_positions, init_weights,
+                     layer_cache, non_embedding_params, rope_tables)
 
 
 @dataclass
@@ -55,35 +53,10 @@ class LlamaConfig:
         return asdict(self)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]), as Meta's and llama2.c's checkpoints expect.
-    x: [B, T, H, D]; cos, sin: [B, T, D/2] in float32."""
-    xf = x.float().reshape(x.shape[0], x.shape[1], x.shape[2], -1, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
-    return out.flatten(3).type_as(x)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.n_kv_heads = cfg.n_kv_heads
-        self.head_dim = cfg.head_dim
-        self.n_rep = cfg.n_heads // cfg.n_kv_heads
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.dropout = cfg.dropout
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -94,24 +67,12 @@ class Attention(nn.Module):
                 positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 mask: Optional[torch.Tensor]) -> torch.Tensor:
         B, T = x.shape[0], x.shape[1]
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if mask is not None:
-            # Write this step's keys and values at their positions, then attend over the cache.
-            index = positions[:, None, :, None].expand(B, self.n_kv_heads, T, self.head_dim)
-            k_cache.scatter_(2, index, k.to(k_cache.dtype))
-            v_cache.scatter_(2, index, v.to(v_cache.dtype))
-            k, v = k_cache, v_cache
-        if self.n_rep > 1:
-            k = k.repeat_interleave(self.n_rep, dim=1)
-            v = v.repeat_interleave(self.n_rep, dim=1)
-        p = self.dropout if self.training else 0.0
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), positions,
+                   k_cache, v_cache, mask, self.dropout if self.training else 0.0)
+        return self.wo(y)
 
 
 class FeedForward(nn.Module):
@@ -148,53 +109,40 @@ class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.cfg = cfg
-        self.context_length = cfg.context_length
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        init_weights(self, cfg.n_layers)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
-        angles = torch.outer(torch.arange(cfg.context_length).float(), freqs)
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
-            if name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
-
-    @staticmethod
-    def _init_weights(m: nn.Module):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 k_cache: Optional[torch.Tensor] = None,
                 v_cache: Optional[torch.Tensor] = None) -> torch.Tensor:
-        B, T = tokens.shape[0], tokens.shape[1]
-        if positions is None:
-            positions = torch.arange(T, device=tokens.device).unsqueeze(0).expand(B, T)
+        positions = default_positions(tokens, positions)
         cos = self.rope_cos[positions].float()
         sin = self.rope_sin[positions].float()
+        mask = cache_mask(positions, k_cache)
         x = self.dropout(self.tok_embeddings(tokens))
-        mask: Optional[torch.Tensor] = None
-        if k_cache is not None and v_cache is not None and k_cache.numel() > 0:
-            # Query at position p sees cache slots 0..p; slots past it are stale or empty.
-            slots = torch.arange(k_cache.shape[3], device=tokens.device)
-            mask = (slots[None, None, None, :] <= positions[:, None, :, None])
-            for i, layer in enumerate(self.layers):
-                x = layer(x, cos, sin, positions, k_cache[i], v_cache[i], mask)
-        else:
-            empty = torch.empty(0, device=tokens.device)
-            for layer in self.layers:
-                x = layer(x, cos, sin, positions, empty, empty, mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, positions, layer_cache(k_cache, i, x),
+                      layer_cache(v_cache, i, x), mask)
         return self.output(self.norm(x)).float()
 
     def export_metadata(self) -> dict:
-        """The architecture fields of the artifact metadata."""
         c = self.cfg
         return {"architecture": self.architecture, "vocab_size": c.vocab_size,
                 "context_length": c.context_length, "n_layers": c.n_layers,
                 "n_kv_heads": c.n_kv_heads, "head_dim": c.head_dim, "cache_kind": "kv"}
+
+    def flops_per_token(self) -> float:
+        """PaLM appendix B: 6N (N = non-embedding parameters) + 12 * L * H * Q * T, counting
+        forward and backward, with T the context length."""
+        c = self.cfg
+        n = non_embedding_params(self, [self.tok_embeddings])
+        return 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * c.context_length
