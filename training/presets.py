@@ -15,9 +15,12 @@ PRESETS = {
         "train": {"batch_size": 24, "max_steps": 600, "learning_rate": 2e-3, "warmup_steps": 30,
                   "eval_interval": 150, "eval_iters": 10},
     },
-    # The smallest useful transformer, for tests.
+    # The smallest useful model of each family, for tests.
     "tiny": {
         "model": {"dim": 32, "n_layers": 2, "n_heads": 4, "context_length": 32},
+        "model_by_name": {"bigram": {}, "ngram": {"n": 4, "emb_dim": 16, "hidden_dim": 32},
+                          "llama2": {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                                     "context_length": 32, "multiple_of": 16}},
         "train": {"batch_size": 8, "max_steps": 30, "learning_rate": 3e-3, "warmup_steps": 5,
                   "eval_interval": 10, "eval_iters": 2},
     },

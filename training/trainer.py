@@ -196,7 +196,8 @@ def _prepare_new(out: Path, data_file, name: str, p: dict, tcfg: TrainConfig, to
             tok_info["chars"] = tok.chars
         elif "model_file" not in tok_info:
             tok_info["model_file"] = "tokenizer.model"
-        model_config = {**p.get("model", {}), **(model_overrides or {}), "vocab_size": tok.vocab_size}
+        preset_model = p.get("model_by_name", {}).get(name, p.get("model", {}))
+        model_config = {**preset_model, **(model_overrides or {}), "vocab_size": tok.vocab_size}
         lora = None
     if rank == 0:
         TokenData.write(tok.encode(text), out / "tokens.bin", tok.vocab_size)
@@ -406,11 +407,15 @@ def train(data_file, out_dir, model_name: Optional[str] = None, preset: Optional
         save_state(tcfg.max_steps)
     bar.close()
     last = history[-1] if history else {}
-    return {"model": name, "steps": tcfg.max_steps, "params": total_params,
+    summary = {"model": name, "steps": tcfg.max_steps, "params": total_params,
             "trainable_params": trainable, "best_val_loss": best_val, "history": history,
             "stopped_at": step + 1 if stopped else None, "out_dir": str(out),
             "tokens_per_second": last.get("tokens_per_second"), "mfu": last.get("mfu"),
             "flops_per_token": flops_per_token, "seconds": time.perf_counter() - t_start}
+    if rank == 0:
+        (out / "summary.json").write_text(
+            json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
+    return summary
 
 
 def _load_weights(ckpt_dir: Path, model: torch.nn.Module) -> dict:

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: build babyrt with CUDA, run the CUDA tests, and run the GPU
+# benchmarks. Results land in $OUT (or ./gpu_out). Usage: bash tools/gpu_check.sh [tests|seed|mfu|all]...
+set -uo pipefail
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 CMAKE_CUDA_ARCHITECTURES=90 CMAKE_BUILD_PARALLEL_LEVEL=16
+what=${*:-all}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -m pip install --no-build-isolation --no-deps -q . 2>&1 | tail -20 || exit 1
+cd /tmp  # import the installed package, not the source tree
+repo=$OLDPWD
+if [[ $what == *tests* || $what == all ]]; then
+  python3 -m pytest -q -x "$repo/tests/test_cuda.py" "$repo/tests/test_parity.py" 2>&1 | tail -15
+fi
+if [[ $what == *seed* || $what == all ]]; then
+  # The seed table, every model at once on the one GPU (each is far too small to fill it).
+  data=${SEED_DATA:-$repo/.gpu_data/ALL_eminem.txt}
+  for m in ${SEED_MODELS:-llama2 babygpt llama1 ngram bigram}; do
+    babyrt train --preset seed-$m --data "$data" --out "$OUT/seed-$m" --device cuda \
+      --precision bf16 ${SEED_ARGS:-} > "$OUT/seed-$m.log" 2>&1 &
+  done
+  wait
+  for m in ${SEED_MODELS:-llama2 babygpt llama1 ngram bigram}; do tail -1 "$OUT/seed-$m.log"; done
+  python3 "$repo/benchmarks/seed_table.py" "$OUT"/seed-* | tee "$OUT/seed_table.md"
+  # Only the logs come back (the device returns at most 8 files).
+  (cd "$OUT" && tar czf seed_runs.tar.gz seed-*/log.json seed-*/summary.json seed-*/config.json \
+     seed-*/loss.png seed-*.log && rm -rf seed-*)
+fi
+if [[ $what == *mfu* || $what == all ]]; then
+  python3 "$repo/benchmarks/train_mfu.py" --json "$OUT/train_mfu.json" 2>&1 | tail -3
+fi
