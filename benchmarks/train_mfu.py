@@ -10,10 +10,9 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
 
 from babyrt.training.models import Llama, LlamaConfig
-from babyrt.training.trainer import TrainConfig, configure_optimizer, measure_peak_flops
+from babyrt.training.trainer import TrainConfig, compute_loss, configure_optimizer, measure_peak_flops
 
 
 def main():
@@ -29,14 +28,13 @@ def main():
     model = Llama(cfg).cuda()
     tcfg = TrainConfig(device="cuda", learning_rate=3e-4)
     opt = configure_optimizer(model, tcfg)
-    step_model = torch.compile(model)
+    loss_fn = torch.compile(compute_loss)  # what the trainer runs with --compile
     x = torch.randint(0, cfg.vocab_size, (a.batch, cfg.context_length), device="cuda")
     y = torch.randint(0, cfg.vocab_size, (a.batch, cfg.context_length), device="cuda")
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = step_model(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            loss = loss_fn(model, x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -24,7 +24,8 @@ def test_train_and_export_every_model(tmp_path, corpus_file, model):
     assert r.returncode == 0, r.stderr
     hist = json.loads((tmp_path / "ckpt" / "log.json").read_text())
     assert hist[-1]["val_loss"] < hist[0]["val_loss"]
-    assert hist[-1]["tokens_per_second"] > 0 and hist[-1]["mfu"] > 0
+    assert hist[-1]["tokens_per_second"] > 0
+    assert hist[-1]["mfu"] > 0 or model == "bigram"  # a table lookup does no matmul FLOPs
     assert (tmp_path / "ckpt" / "loss.png").stat().st_size > 1000
     r = run_cli("babyrt", "export", tmp_path / "ckpt", "--out", tmp_path / "art")
     assert r.returncode == 0, r.stderr
@@ -33,8 +34,10 @@ def test_train_and_export_every_model(tmp_path, corpus_file, model):
 
 
 def test_lora_changes_only_adapters_and_merges_exactly(tmp_path, corpus_text):
-    (tmp_path / "a.txt").write_text(corpus_text[:30000])
-    (tmp_path / "b.txt").write_text(corpus_text[30000:])
+    a = corpus_text[:30000]
+    (tmp_path / "a.txt").write_text(a)
+    # The adapter reuses the base's char vocabulary: the new corpus must fit in it.
+    (tmp_path / "b.txt").write_text("".join(c for c in corpus_text[30000:] if c in set(a)))
     r = run_cli("babyrt", "train", "--model", "babygpt", "--data", tmp_path / "a.txt", "--out",
                 tmp_path / "base", "--preset", "tiny")
     assert r.returncode == 0, r.stderr

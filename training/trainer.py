@@ -89,8 +89,9 @@ def measure_peak_flops(device: str, dtype: str) -> float:
     n, reps = (8192, 20) if device.startswith("cuda") else (1024, 5)
     if not device.startswith("cuda"):
         dt = torch.float32
-    a = torch.randn(n, n, device=device, dtype=dt)
-    b = torch.randn(n, n, device=device, dtype=dt)
+    g = torch.Generator(device=device).manual_seed(0)  # leaves the training RNG alone
+    a = torch.randn(n, n, device=device, dtype=dt, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dt, generator=g)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     a @ b
     sync()
@@ -238,6 +239,13 @@ def _plot(history: list, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def compute_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; compiled whole (forward + loss) with --compile, so the
+    float32 logits never reach memory unfused."""
+    logits = model(x)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
 @torch.no_grad()
 def estimate_loss(model, data: TokenData, cfg: TrainConfig, generator: torch.Generator,
                   autocast) -> dict:
@@ -248,8 +256,7 @@ def estimate_loss(model, data: TokenData, cfg: TrainConfig, generator: torch.Gen
         for _ in range(cfg.eval_iters):
             x, y = data.batch(split, cfg.batch_size, generator)
             with autocast():
-                logits = model(x.to(cfg.device))
-            total += F.cross_entropy(logits.float().flatten(0, 1), y.to(cfg.device).flatten()).item()
+                total += compute_loss(model, x.to(cfg.device), y.to(cfg.device)).item()
         out[split] = total / cfg.eval_iters
     model.train()
     return out
@@ -326,8 +333,7 @@ def train(data_file, out_dir, model_name: Optional[str] = None, preset: Optional
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[torch.device(tcfg.device).index] if device_type == "cuda" else None)
-    if tcfg.compile:
-        train_model = torch.compile(train_model)
+    loss_fn = torch.compile(compute_loss) if tcfg.compile else compute_loss
     peak = (tcfg.peak_tflops * 1e12 if tcfg.peak_tflops else
             measure_peak_flops(tcfg.device, tcfg.dtype))
 
@@ -390,8 +396,7 @@ def train(data_file, out_dir, model_name: Optional[str] = None, preset: Optional
                 last = micro == tcfg.grad_accum - 1
                 sync = (contextlib.nullcontext() if last or world == 1 else train_model.no_sync())
                 with sync, autocast():
-                    logits = train_model(x)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                    loss = loss_fn(train_model, x, y)
                 scaler.scale(loss / tcfg.grad_accum).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)

@@ -13,7 +13,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 @dataclass
@@ -91,7 +90,9 @@ class NGram(nn.Module):
                 k_cache: Optional[torch.Tensor] = None,
                 v_cache: Optional[torch.Tensor] = None) -> torch.Tensor:
         T = tokens.shape[1]
-        padded = F.pad(tokens, (self.window - 1, 0), value=self.pad_id)
+        pad = torch.full((tokens.shape[0], self.window - 1), self.pad_id, dtype=tokens.dtype,
+                         device=tokens.device)
+        padded = torch.cat([pad, tokens], dim=1)
         # Position t sees tokens t - window + 1 .. t.
         parts = [self.embedding(padded[:, i:i + T]) for i in range(self.window)]
         h = torch.tanh(self.hidden(self.dropout(torch.cat(parts, dim=-1))))
