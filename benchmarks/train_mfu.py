@@ -54,10 +54,12 @@ def main():
     tps = tokens / seconds
     peak = measure_peak_flops("cuda", "bf16")
     fpt = model.flops_per_token()
+    strict = fpt - 6 * model.tok_embeddings.weight.numel()  # the input embedding is a lookup
     result = {"params": sum(p.numel() for p in model.parameters()), "batch": a.batch,
               "seq": cfg.context_length, "tokens_per_second": round(tps),
               "flops_per_token": fpt, "achieved_tflops": round(tps * fpt / 1e12, 1),
               "peak_bf16_tflops": round(peak / 1e12, 1), "mfu": round(tps * fpt / peak, 4),
+              "mfu_without_input_embedding": round(tps * strict / peak, 4),
               "device": torch.cuda.get_device_name()}
     print(json.dumps(result))
     if a.json:

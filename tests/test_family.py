@@ -72,5 +72,5 @@ def test_llama1_has_no_gqa():
 
 
 def test_llama2_multiple_of_sizing():
-    assert LlamaConfig(dim=256, multiple_of=256).hidden_dim == 768
+    assert LlamaConfig(dim=256, n_heads=4, multiple_of=256).hidden_dim == 768
     assert LlamaConfig(dim=288, multiple_of=32).hidden_dim == 768

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import attend, cache_mask, default_positions, init_weights, layer_cache, non_embedding_params
+from .layers import attend, cache_mask, default_positions, init_weights, layer_cache
 
 
 @dataclass
@@ -115,7 +115,7 @@ class BabyGPT(nn.Module):
                 "n_kv_heads": c.n_heads, "head_dim": c.head_dim, "cache_kind": "kv"}
 
     def flops_per_token(self) -> float:
-        """PaLM appendix B: 6N (non-embedding) + 12 * L * H * Q * T, forward and backward."""
+        """PaLM appendix B: 6N (all parameters) + 12 * L * H * Q * T, forward and backward."""
         c = self.cfg
-        n = non_embedding_params(self, [self.tok_embeddings, self.pos_embeddings])
+        n = sum(p.numel() for p in self.parameters())
         return 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * c.context_length

@@ -95,8 +95,3 @@ def init_weights(model: nn.Module, n_layers: int, residual_suffixes=("wo.weight"
     for name, p in model.named_parameters():
         if name.endswith(tuple(residual_suffixes)):
             nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
-
-
-def non_embedding_params(model: nn.Module, embeddings) -> int:
-    skip = {id(p) for e in embeddings for p in e.parameters()}
-    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
