@@ -14,10 +14,19 @@ from ._C import ArgumentError
 _INT64_MAX = 2**63 - 1
 
 
+def _check_text(name: str, text) -> None:
+    """Only valid Unicode can cross into C++ (as UTF-8); lone surrogates cannot."""
+    if not isinstance(text, str):
+        raise ArgumentError(f"{name} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ArgumentError(f"{name} is not valid UTF-8 text: {e.reason} at index {e.start}") from None
+
+
 def _sampling(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop) -> tuple:
     """Checks types here, so that the C++ side sees well-formed values and range-checks them."""
-    if not isinstance(prompt, str):
-        raise ArgumentError(f"prompt must be a str, got {type(prompt).__name__}")
+    _check_text("prompt", prompt)
     for name, v in (("max_new_tokens", max_new_tokens), ("top_k", top_k)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise ArgumentError(f"{name} must be an int, got {v!r}")
@@ -38,6 +47,8 @@ def _sampling(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop) -> 
         stop = list(stop)
         if not all(isinstance(s, str) for s in stop):
             raise ArgumentError("stop must be a str or a list of str")
+    for s in stop:
+        _check_text("stop string", s)
     return prompt, max_new_tokens, float(temperature), top_k, float(top_p), seed, stop
 
 
@@ -93,8 +104,7 @@ class Model:
 
     def encode(self, text: str, bos: Optional[bool] = None) -> list:
         """Token ids of `text`; bos defaults to the artifact's add_bos."""
-        if not isinstance(text, str):
-            raise ArgumentError(f"text must be a str, got {type(text).__name__}")
+        _check_text("text", text)
         return self._m.encode(text, self.metadata["add_bos"] if bos is None else bool(bos))
 
     def decode(self, ids: Iterable[int]) -> str:
