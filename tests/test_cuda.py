@@ -35,3 +35,12 @@ def test_cuda_sampling_is_seeded(gqa_model):
 def test_bad_cuda_index(gqa_model):
     with pytest.raises(babyrt.DeviceError, match="does not exist"):
         babyrt.load(gqa_model[1], device=f"cuda:{torch.cuda.device_count()}")
+
+
+def test_cuda_out_of_memory_is_a_clear_error_and_the_process_goes_on(tmp_path, gqa_model):
+    from test_hardening import huge_cache_artifact
+    rt = babyrt.load(huge_cache_artifact(tmp_path, gqa_model), device="cuda")
+    with pytest.raises(babyrt.DeviceError, match="cannot allocate the KV cache"):
+        rt.generate("Return", max_new_tokens=2)
+    ok = babyrt.load(gqa_model[1], device="cuda")
+    assert len(ok.generate("Return", max_new_tokens=8, temperature=0)) == 8

@@ -63,3 +63,20 @@ def test_checkpoints_load_with_weights_only(tmp_path, corpus_file):
     with pytest.raises(pickle.UnpicklingError):
         load_checkpoint(tmp_path / "c")
     assert not os.path.exists("/tmp/babyrt_pwned")
+
+
+def huge_cache_artifact(tmp_path, gqa_model):
+    """A valid artifact whose metadata asks for a KV cache of hundreds of GB."""
+    import json
+    from babyrt.artifact import read_metadata, write_artifact
+    model, art, _ = gqa_model
+    md = {**read_metadata(art), "n_layers": 8, "n_kv_heads": 4096, "head_dim": 65536}
+    return write_artifact(tmp_path / "huge", torch.jit.load(str(art / "model.pt")), md,
+                          art / "tokenizer.bin")
+
+
+def test_cache_larger_than_memory_is_a_device_error(tmp_path, gqa_model):
+    rt = babyrt.load(huge_cache_artifact(tmp_path, gqa_model))
+    with pytest.raises(babyrt.DeviceError, match="KV cache needs"):
+        rt.generate("Return", max_new_tokens=2)
+    assert babyrt.load(gqa_model[1]).generate("Return", max_new_tokens=3, seed=0)

@@ -10,7 +10,8 @@ python3 -m pip install --no-build-isolation --no-deps -q . 2>&1 | tail -20 || ex
 cd /tmp  # import the installed package, not the source tree
 repo=$OLDPWD
 if [[ $what == *tests* || $what == all ]]; then
-  python3 -m pytest -q -x "$repo/tests/test_cuda.py" "$repo/tests/test_parity.py" 2>&1 | tail -15
+  python3 -m pytest -q -x -p no:cacheprovider "$repo/tests/test_cuda.py" "$repo/tests/test_parity.py" \
+    "$repo/tests/test_hardening.py" 2>&1 | tail -15
 fi
 if [[ $what == *seed* || $what == all ]]; then
   # The seed table, every model at once on the one GPU (each is far too small to fill it).

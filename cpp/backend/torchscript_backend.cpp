@@ -1,6 +1,7 @@
 // The TorchScript backend: runs model.pt through torch::jit.
 #include <torch/cuda.h>
 #include <torch/script.h>
+#include <unistd.h>
 
 #include "backend/backend.h"
 #include "errors.h"
@@ -71,10 +72,20 @@ class TorchScriptBackend final : public Backend {
     if (meta_.cache_kind != "kv") return {at::empty({0}, opts), at::empty({0}, opts)};
     const std::vector<int64_t> shape{meta_.n_layers, batch, meta_.n_kv_heads,
                                      meta_.context_length, meta_.head_dim};
+    const double bytes = 2.0 * c10::multiply_integers(shape) * c10::elementSize(dtype_);
+    if (device_.is_cpu()) {
+      // Refuse what cannot fit before touching it: zero-filling an overcommitted allocation
+      // would bring in the OOM killer instead of an error.
+      const double ram = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
+      if (bytes > ram)
+        throw DeviceError("the KV cache needs " + std::to_string(bytes / 1e9) +
+                          " GB, more than this machine's " + std::to_string(ram / 1e9) + " GB");
+    }
     try {
       return {at::zeros(shape, opts), at::zeros(shape, opts)};
-    } catch (const c10::OutOfMemoryError& e) {
-      throw DeviceError("out of memory allocating the KV cache: " + first_line(e));
+    } catch (const std::exception& e) {
+      throw DeviceError("cannot allocate the KV cache (" + std::to_string(bytes / 1e9) +
+                        " GB) on " + device_.str() + ": " + first_line(e));
     }
   }
 
