@@ -26,7 +26,8 @@ if __name__ == "__main__":
     for spec in sys.argv[3:]:
         name, preset, over = spec.split(":", 2)
         jobs.append((data, out, name, preset, json.loads(over)))
+    print("| run | config | params | best step | train | val | time |\n|---|---|---|---|---|---|---|",
+          flush=True)
     with mp.get_context("spawn").Pool(len(jobs)) as pool:
-        rows = pool.map(run, jobs)
-    print("| run | config | params | best step | train | val | time |\n|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
+        for row in pool.imap_unordered(run, jobs):  # each row as soon as its run ends
+            print(row, flush=True)
