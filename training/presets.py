@@ -48,8 +48,8 @@ PRESETS = {
     "seed-llama2": {
         "model_name": "llama2",
         "model": {"dim": 288, "n_layers": 6, "n_heads": 6, "n_kv_heads": 2, "context_length": 512,
-                  "dropout": 0.35},
-        "train": {**_SEED_TRAIN, "max_steps": 2500, "batch_size": 32, "weight_decay": 0.5},
+                  "dropout": 0.25},
+        "train": {**_SEED_TRAIN, "max_steps": 1500, "batch_size": 32, "weight_decay": 1.0},
     },
     # LoRA fine-tuning of a seed-babygpt checkpoint (--base) on a new corpus.
     "seed-lora": {
