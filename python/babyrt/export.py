@@ -1,6 +1,7 @@
 """Checkpoint directory -> artifact directory (TorchScript module + tokenizer.bin)."""
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Union
@@ -18,7 +19,7 @@ def export_model(model: torch.nn.Module, tokenizer_info: dict, tokenizer_bin, ou
     eos_id and add_bos."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    model = model.eval().to(DTYPES[dtype])
+    model = copy.deepcopy(model).eval().to(DTYPES[dtype])  # the caller's model stays as it was
     with torch.no_grad():
         scripted = torch.jit.script(model)
     metadata = {
