@@ -53,6 +53,23 @@ def _cmd_generate(a) -> None:
           file=sys.stderr)
 
 
+def _cmd_convert(a) -> None:
+    from . import convert
+
+    if (a.from_ is None) == (a.to is None):
+        raise ValueError("give exactly one of --from FORMAT or --to FORMAT")
+    if a.from_ == "llama2c":
+        if not a.tokenizer:
+            raise ValueError("--from llama2c needs --tokenizer tokenizer.bin")
+        out = convert.llama2c_to_artifact(a.source, a.tokenizer, a.out, dtype=a.dtype)
+    elif a.from_ == "sentencepiece":
+        convert.sentencepiece_to_tokenizer_bin(a.source, a.out)
+        out = a.out
+    else:
+        out = convert.artifact_to_llama2c(a.source, a.out, version=a.version)
+    print(f"wrote {out}")
+
+
 def _cmd_demo(a) -> None:
     from .demo import run_demo
 
@@ -106,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
     g.add_argument("--json", action="store_true", help="print the stats line as JSON")
     g.set_defaults(func=_cmd_generate)
+
+    c = sub.add_parser("convert", help="convert llama2.c checkpoints and sentencepiece models")
+    c.add_argument("source", help="checkpoint, tokenizer.model, or (with --to) an artifact")
+    c.add_argument("--from", dest="from_", choices=["llama2c", "sentencepiece"])
+    c.add_argument("--to", choices=["llama2c"])
+    c.add_argument("--tokenizer", help="--from llama2c: the model's tokenizer.bin")
+    c.add_argument("--out", required=True)
+    c.add_argument("--version", type=int, choices=[0, 1], default=1, help="--to llama2c: v0 or v1")
+    c.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    c.set_defaults(func=_cmd_convert)
 
     d = sub.add_parser("demo", help="train on the stdlib's docstrings, export, generate (no data needed)")
     d.add_argument("--workdir", help="where to put the corpus, checkpoint and artifact "

@@ -1,0 +1,82 @@
+"""llama2.c checkpoints (v0 and v1) in and out of babyrt, and sentencepiece -> tokenizer.bin."""
+import struct
+
+import pytest
+import torch
+
+import babyrt
+from babyrt import convert
+from babyrt.export import export_model
+from babyrt.training.models import Llama, LlamaConfig
+from babyrt.training.tokenizers import CharTokenizer
+from conftest import run_cli
+
+CONFIGS = {
+    "mha-untied": dict(dim=48, n_layers=2, n_heads=3, context_length=32, multiple_of=16),
+    "gqa-tied": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, context_length=40,
+                     multiple_of=32, tie_embeddings=True),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def llama_artifact(request, tmp_path_factory, corpus_text):
+    tmp = tmp_path_factory.mktemp(request.param)
+    tok = CharTokenizer.train(corpus_text)
+    info = {**tok.save(tmp), "bos_id": -1, "eos_id": -1, "add_bos": False}
+    torch.manual_seed(5)
+    model = Llama(LlamaConfig(vocab_size=tok.vocab_size, **CONFIGS[request.param]))
+    return model, export_model(model, info, tmp / "tokenizer.bin", tmp / "artifact"), tok
+
+
+@pytest.mark.parametrize("version", [0, 1])
+def test_llama2c_round_trip_is_exact(tmp_path, llama_artifact, version, corpus_text):
+    model, art, tok = llama_artifact
+    ckpt = convert.artifact_to_llama2c(art, tmp_path / "model.bin", version=version)
+    cfg, state, got_version = convert.read_llama2c(ckpt)
+    assert got_version == version and cfg.tie_embeddings == model.cfg.tie_embeddings
+    for k, v in model.state_dict().items():
+        assert torch.equal(state[k], v), k
+    r = run_cli("babyrt", "convert", "--from", "llama2c", ckpt, "--tokenizer",
+                art / "tokenizer.bin", "--out", tmp_path / "back")
+    assert r.returncode == 0, r.stderr
+    ids = tok.encode(corpus_text[:30])
+    a, b = babyrt.load(art), babyrt.load(tmp_path / "back")
+    assert torch.equal(a.logits(ids), b.logits(ids))
+    assert b.metadata["add_bos"] is True  # llama2.c models start from BOS
+
+
+def test_v0_header_marks_an_unshared_classifier(tmp_path, llama_artifact):
+    model, art, _ = llama_artifact
+    ckpt = convert.artifact_to_llama2c(art, tmp_path / "m.bin", version=0)
+    vocab = struct.unpack_from("<7i", ckpt.read_bytes())[5]
+    assert (vocab > 0) == model.cfg.tie_embeddings
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda b: b[:-4], "but the file has"),
+    (lambda b: b + b"\0" * 8, "but the file has"),
+    (lambda b: b[:20], "too short"),
+    (lambda b: b"\xff" * 2000, "implausible header"),
+    (lambda b: struct.pack("<Ii", convert.MAGIC, 2) + b[8:], "version 2 is not supported"),
+])
+def test_bad_llama2c_checkpoints(tmp_path, llama_artifact, damage, message):
+    _, art, _ = llama_artifact
+    good = convert.artifact_to_llama2c(art, tmp_path / "m.bin", version=1).read_bytes()
+    (tmp_path / "bad.bin").write_bytes(damage(good))
+    with pytest.raises(convert.ConversionError, match=message):
+        convert.read_llama2c(tmp_path / "bad.bin")
+    r = run_cli("babyrt", "convert", "--from", "llama2c", tmp_path / "bad.bin", "--tokenizer",
+                art / "tokenizer.bin", "--out", tmp_path / "o")
+    assert r.returncode == 1 and "babyrt: error:" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_sentencepiece_to_tokenizer_bin(tmp_path, shared_data):
+    d = shared_data / "llama2_tokenizer"
+    r = run_cli("babyrt", "convert", "--from", "sentencepiece", d / "tokenizer.model", "--out",
+                tmp_path / "tokenizer.bin")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "tokenizer.bin").read_bytes() == (d / "tokenizer.bin").read_bytes()
+    r = run_cli("babyrt", "convert", "--from", "sentencepiece", d / "tokenizer.bin", "--out",
+                tmp_path / "x.bin")
+    assert r.returncode == 1 and "not a sentencepiece model" in r.stderr
