@@ -62,6 +62,10 @@ def _cmd_convert(a) -> None:
         if not a.tokenizer:
             raise ValueError("--from llama2c needs --tokenizer tokenizer.bin")
         out = convert.llama2c_to_artifact(a.source, a.tokenizer, a.out, dtype=a.dtype)
+    elif a.from_ == "hf":
+        out = convert.hf_to_artifact(a.source, a.out, tokenizer_bin=a.tokenizer, dtype=a.dtype)
+    elif a.to == "hf":
+        out = convert.artifact_to_hf(a.source, a.out)
     elif a.from_ == "sentencepiece":
         convert.sentencepiece_to_tokenizer_bin(a.source, a.out)
         out = a.out
@@ -124,11 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the stats line as JSON")
     g.set_defaults(func=_cmd_generate)
 
-    c = sub.add_parser("convert", help="convert llama2.c checkpoints and sentencepiece models")
+    c = sub.add_parser("convert", help="convert llama2.c checkpoints, transformers Llama folders "
+                                       "and sentencepiece models")
     c.add_argument("source", help="checkpoint, tokenizer.model, or (with --to) an artifact")
-    c.add_argument("--from", dest="from_", choices=["llama2c", "sentencepiece"])
-    c.add_argument("--to", choices=["llama2c"])
-    c.add_argument("--tokenizer", help="--from llama2c: the model's tokenizer.bin")
+    c.add_argument("--from", dest="from_", choices=["llama2c", "hf", "sentencepiece"])
+    c.add_argument("--to", choices=["llama2c", "hf"])
+    c.add_argument("--tokenizer", help="the model's tokenizer.bin (--from hf: default from tokenizer.model)")
     c.add_argument("--out", required=True)
     c.add_argument("--version", type=int, choices=[0, 1], default=1, help="--to llama2c: v0 or v1")
     c.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")

@@ -1,5 +1,5 @@
-"""Conversions between babyrt and llama2.c (checkpoints v0 and v1, tokenizer.bin from a
-sentencepiece model).
+"""Conversions between babyrt and llama2.c (checkpoints v0 and v1), Hugging Face transformers
+(LlamaForCausalLM folders), and sentencepiece models (tokenizer.bin).
 
 llama2.c layouts (fp32, little-endian), as karpathy's export.py writes them:
   v0 "legacy": int32 dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len
@@ -177,3 +177,172 @@ def sentencepiece_to_tokenizer_bin(model_file: PathLike, out_file: PathLike) -> 
         return tokenizer_bin.write_from_sentencepiece(out_file, model_file)
     except (RuntimeError, OSError) as e:
         raise ConversionError(f"{model_file}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
+
+
+# --- Hugging Face transformers LlamaForCausalLM ---------------------------------------------
+# transformers rotates q/k by halves; Meta, llama2.c and babyrt rotate interleaved pairs. The
+# permutation below (transformers' own convert_llama_weights_to_hf, inverted) moves between them.
+
+def _hf_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    out, d = w.shape
+    return w.view(n_heads, 2, out // n_heads // 2, d).transpose(1, 2).reshape(out, d)
+
+
+def _interleaved_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    out, d = w.shape
+    return w.view(n_heads, out // n_heads // 2, 2, d).transpose(1, 2).reshape(out, d)
+
+
+def _hf_names(i: int) -> dict:
+    p, q = f"model.layers.{i}.", f"layers.{i}."
+    return {p + "input_layernorm.weight": q + "attention_norm.weight",
+            p + "post_attention_layernorm.weight": q + "ffn_norm.weight",
+            p + "self_attn.q_proj.weight": q + "attention.wq.weight",
+            p + "self_attn.k_proj.weight": q + "attention.wk.weight",
+            p + "self_attn.v_proj.weight": q + "attention.wv.weight",
+            p + "self_attn.o_proj.weight": q + "attention.wo.weight",
+            p + "mlp.gate_proj.weight": q + "feed_forward.w1.weight",
+            p + "mlp.down_proj.weight": q + "feed_forward.w2.weight",
+            p + "mlp.up_proj.weight": q + "feed_forward.w3.weight"}
+
+
+def _read_hf_state(folder: Path) -> dict:
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        state = {}
+        for f in files:
+            try:
+                state.update(load_file(str(f)))
+            except (SafetensorError, OSError) as e:
+                raise ConversionError(f"{f}: not a readable safetensors file ({e})") from None
+        return state
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    if not bins:
+        raise ConversionError(f"{folder}: no model.safetensors or pytorch_model.bin")
+    state = {}
+    for f in bins:
+        try:
+            state.update(torch.load(f, map_location="cpu", weights_only=True))
+        except Exception as e:  # weights_only refuses code; anything unreadable ends here
+            raise ConversionError(f"{f}: not a readable weights file ({str(e).splitlines()[0]})") from None
+    return state
+
+
+def hf_to_artifact(folder: PathLike, out_dir: PathLike, tokenizer_bin: PathLike | None = None,
+                   dtype: str = "fp32") -> Path:
+    """A transformers LlamaForCausalLM folder (config.json + safetensors or pytorch_model.bin,
+    with tokenizer.model if present) -> a babyrt artifact."""
+    import json
+    import tempfile
+
+    folder = Path(folder)
+    try:
+        c = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        raise ConversionError(f"{folder}: no config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{folder}/config.json: not valid JSON ({e})") from None
+    if not isinstance(c, dict) or c.get("model_type") != "llama":
+        raise ConversionError(f"{folder}/config.json: model_type must be 'llama'")
+    try:
+        n_heads = int(c["num_attention_heads"])
+        cfg = LlamaConfig(vocab_size=int(c["vocab_size"]), dim=int(c["hidden_size"]),
+                          n_layers=int(c["num_hidden_layers"]), n_heads=n_heads,
+                          n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
+                          hidden_dim=int(c["intermediate_size"]),
+                          norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+                          context_length=int(c.get("max_position_embeddings", 2048)),
+                          rope_theta=float(c.get("rope_theta") or
+                                           (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+                          tie_embeddings=bool(c.get("tie_word_embeddings", False)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConversionError(f"{folder}/config.json: bad or missing field ({e})") from None
+    if c.get("hidden_act", "silu") != "silu" or c.get("attention_bias") or c.get("mlp_bias") \
+            or c.get("rope_scaling"):
+        raise ConversionError(f"{folder}/config.json: only plain Llama (silu, no biases, no rope "
+                              "scaling) converts")
+    hf = _read_hf_state(folder)
+    names = {"model.embed_tokens.weight": "tok_embeddings.weight",
+             "model.norm.weight": "norm.weight", "lm_head.weight": "output.weight"}
+    for i in range(cfg.n_layers):
+        names.update(_hf_names(i))
+    state = {}
+    for src, dst in names.items():
+        if src not in hf:
+            if src == "lm_head.weight" and cfg.tie_embeddings:
+                continue
+            raise ConversionError(f"{folder}: weights lack {src}")
+        w = hf[src].float()
+        if src.endswith("q_proj.weight"):
+            w = _hf_to_interleaved(w, cfg.n_heads)
+        elif src.endswith("k_proj.weight"):
+            w = _hf_to_interleaved(w, cfg.n_kv_heads)
+        state[dst] = w
+    if cfg.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model = Llama(cfg)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConversionError(f"{folder}: weights do not match config.json: "
+                              f"{str(e).splitlines()[0]}") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        if tokenizer_bin is None:
+            if not (folder / "tokenizer.model").is_file():
+                raise ConversionError(f"{folder}: no tokenizer.model; pass a tokenizer.bin")
+            tokenizer_bin = Path(tmp) / "tokenizer.bin"
+            sentencepiece_to_tokenizer_bin(folder / "tokenizer.model", tokenizer_bin)
+        bos, eos = c.get("bos_token_id"), c.get("eos_token_id")
+        info = {"kind": "sentencepiece", "bos_id": bos if isinstance(bos, int) else -1,
+                "eos_id": eos if isinstance(eos, int) else -1, "add_bos": isinstance(bos, int)}
+        return export_model(model, info, tokenizer_bin, out_dir, dtype=dtype,
+                            model_config={"model": "llama2", **cfg.to_dict()})
+
+
+def artifact_to_hf(artifact_dir: PathLike, out_dir: PathLike) -> Path:
+    """A babyrt LLaMA artifact -> a folder that transformers' LlamaForCausalLM loads
+    (config.json + model.safetensors, fp32)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    md = read_metadata(artifact_dir)
+    if md["architecture"] != "llama":
+        raise ConversionError(f"{artifact_dir}: only LLaMA artifacts convert to transformers")
+    module = torch.jit.load(str(Path(artifact_dir) / "model.pt"), map_location="cpu")
+    state = {k: v.float() for k, v in module.state_dict().items()}
+    shared = module.tok_embeddings.weight.data_ptr() == module.output.weight.data_ptr()
+    dim = state["tok_embeddings.weight"].shape[1]
+    n_heads, n_kv = dim // md["head_dim"], md["n_kv_heads"]
+    cfg_extra = md.get("model_config", {})
+    back = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+            "output.weight": "lm_head.weight"}
+    for i in range(md["n_layers"]):
+        back.update({v: k for k, v in _hf_names(i).items()})
+    hf = {}
+    for name, w in state.items():
+        if name not in back or (shared and name == "output.weight"):
+            continue
+        if name.endswith("wq.weight"):
+            w = _interleaved_to_hf(w, n_heads)
+        elif name.endswith("wk.weight"):
+            w = _interleaved_to_hf(w, n_kv)
+        hf[back[name]] = w.contiguous()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(hf, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "vocab_size": md["vocab_size"], "hidden_size": dim,
+              "intermediate_size": state["layers.0.feed_forward.w1.weight"].shape[0],
+              "num_hidden_layers": md["n_layers"], "num_attention_heads": n_heads,
+              "num_key_value_heads": n_kv, "head_dim": md["head_dim"], "hidden_act": "silu",
+              "max_position_embeddings": md["context_length"],
+              "rms_norm_eps": cfg_extra.get("norm_eps", 1e-5),
+              "rope_theta": cfg_extra.get("rope_theta", 10000.0), "tie_word_embeddings": shared,
+              "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
+              "bos_token_id": md["bos_id"] if md["bos_id"] >= 0 else None,
+              "eos_token_id": md["eos_id"] if md["eos_id"] >= 0 else None}
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    return out
