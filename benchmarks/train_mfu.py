@@ -7,7 +7,6 @@ the peak is a bf16 matmul measured in the same run.
 """
 import argparse
 import json
-import time
 
 import torch
 

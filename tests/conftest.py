@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import babyrt
 from babyrt.corpus import stdlib_docstrings
 from babyrt.export import export_model
 from babyrt.training.models import Llama, LlamaConfig
@@ -33,15 +32,21 @@ def corpus_text() -> str:
     return stdlib_docstrings(max_chars=60_000)
 
 
-def make_char_artifact(tmp: Path, text: str, cfg: dict, seed: int = 0, dtype: str = "fp32"):
-    """A randomly initialised Llama over `text`'s characters, exported; (eager model, artifact dir)."""
+def export_char_model(tmp: Path, text: str, build, seed: int = 0, dtype: str = "fp32"):
+    """build(vocab_size) -> a randomly initialised model over `text`'s characters, exported;
+    returns (eager model, artifact dir, tokenizer)."""
     tok = CharTokenizer.train(text)
     tmp.mkdir(parents=True, exist_ok=True)
     info = {**tok.save(tmp), "bos_id": -1, "eos_id": -1, "add_bos": False}
     torch.manual_seed(seed)
-    model = Llama(LlamaConfig(vocab_size=tok.vocab_size, **cfg)).eval()
+    model = build(tok.vocab_size).eval()
     art = export_model(model, info, tmp / "tokenizer.bin", tmp / "artifact", dtype=dtype)
     return model, art, tok
+
+
+def make_char_artifact(tmp: Path, text: str, cfg: dict, seed: int = 0):
+    """A random Llama with config `cfg` over `text`'s characters, exported."""
+    return export_char_model(tmp, text, lambda v: Llama(LlamaConfig(vocab_size=v, **cfg)), seed)
 
 
 GQA = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, context_length=48, multiple_of=16)

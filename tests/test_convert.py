@@ -6,10 +6,7 @@ import torch
 
 import babyrt
 from babyrt import convert
-from babyrt.export import export_model
-from babyrt.training.models import Llama, LlamaConfig
-from babyrt.training.tokenizers import CharTokenizer
-from conftest import run_cli
+from conftest import make_char_artifact, run_cli
 
 CONFIGS = {
     "mha-untied": dict(dim=48, n_layers=2, n_heads=3, context_length=32, multiple_of=16),
@@ -20,12 +17,8 @@ CONFIGS = {
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def llama_artifact(request, tmp_path_factory, corpus_text):
-    tmp = tmp_path_factory.mktemp(request.param)
-    tok = CharTokenizer.train(corpus_text)
-    info = {**tok.save(tmp), "bos_id": -1, "eos_id": -1, "add_bos": False}
-    torch.manual_seed(5)
-    model = Llama(LlamaConfig(vocab_size=tok.vocab_size, **CONFIGS[request.param]))
-    return model, export_model(model, info, tmp / "tokenizer.bin", tmp / "artifact"), tok
+    return make_char_artifact(tmp_path_factory.mktemp(request.param), corpus_text,
+                              CONFIGS[request.param], seed=5)
 
 
 @pytest.mark.parametrize("version", [0, 1])

@@ -1,16 +1,13 @@
 """Every model of the family exports, matches its Python eager self in the C++ runtime, and
 generates through babyrt.load and babyrt-run."""
-import json
 
 import pytest
 import torch
 
 import babyrt
-from babyrt.export import export_model
 from babyrt.training.models import (BabyGPT, Bigram, GPTConfig, Llama, Llama1, Llama1Config,
                                     LlamaConfig, NGram, NGramConfig, BigramConfig)
-from babyrt.training.tokenizers import CharTokenizer
-from conftest import run_cli
+from conftest import export_char_model, run_cli
 from test_generate import reference_greedy
 
 TOL = 1e-4
@@ -31,16 +28,17 @@ FAMILY = {
 }
 
 
+def _random_bigram(v):
+    model = Bigram(BigramConfig(vocab_size=v))
+    torch.nn.init.normal_(model.table.weight)  # a zero table would make every test trivially pass
+    return model
+
+
 @pytest.fixture(scope="module", params=sorted(FAMILY))
 def member(request, tmp_path_factory, corpus_text):
-    tmp = tmp_path_factory.mktemp(request.param)
-    tok = CharTokenizer.train(corpus_text)
-    info = {**tok.save(tmp), "bos_id": -1, "eos_id": -1, "add_bos": False}
-    torch.manual_seed(3)
-    model = FAMILY[request.param](tok.vocab_size).eval()
-    if request.param == "bigram":  # a zero table would make every test trivially pass
-        torch.nn.init.normal_(model.table.weight)
-    art = export_model(model, info, tmp / "tokenizer.bin", tmp / "artifact")
+    build = _random_bigram if request.param == "bigram" else FAMILY[request.param]
+    model, art, tok = export_char_model(tmp_path_factory.mktemp(request.param), corpus_text,
+                                        build, seed=3)
     return request.param, model, art, tok
 
 

@@ -67,7 +67,6 @@ def test_checkpoints_load_with_weights_only(tmp_path, corpus_file):
 
 def huge_cache_artifact(tmp_path, gqa_model):
     """A valid artifact whose metadata asks for a KV cache of hundreds of GB."""
-    import json
     from babyrt.artifact import read_metadata, write_artifact
     model, art, _ = gqa_model
     md = {**read_metadata(art), "n_layers": 8, "n_kv_heads": 4096, "head_dim": 65536}
