@@ -123,3 +123,11 @@ def test_preset_for_another_model(tmp_path, corpus_file):
     r = run_cli("babyrt", "train", "--model", "llama2", "--preset", "seed-babygpt", "--data",
                 corpus_file, "--out", tmp_path / "o")
     assert r.returncode == 1 and "is for model 'babygpt'" in r.stderr
+
+
+def test_resume_with_more_steps_records_them(tmp_path, corpus_file):
+    train(corpus_file, tmp_path / "r", "llama2", preset="tiny", progress=False,
+          train_overrides={"max_steps": 6, "eval_interval": 3})
+    s = train(None, tmp_path / "r", resume=True, progress=False, train_overrides={"max_steps": 9})
+    assert s["history"][-1]["step"] == 9
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["train_config"]["max_steps"] == 9

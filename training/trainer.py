@@ -282,6 +282,7 @@ def train(data_file, out_dir, model_name: Optional[str] = None, preset: Optional
         config = json.loads((out / "config.json").read_text())
         name = config["model"]
         tcfg = _override(TrainConfig(), {**config["train_config"], **(train_overrides or {})})
+        config_changed = asdict(tcfg) != config["train_config"]  # e.g. a raised max_steps
         config["train_config"] = asdict(tcfg)
     else:
         name, p = _resolve(model_name, preset)
@@ -291,6 +292,8 @@ def train(data_file, out_dir, model_name: Optional[str] = None, preset: Optional
     if tcfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device 'cuda' asked for, but no CUDA GPU is available")
     rank, world = _init_distributed(tcfg)
+    if resume and config_changed and rank == 0:
+        (out / "config.json").write_text(json.dumps(config, indent=1))
     if not resume:
         config = _prepare_new(out, data_file, name, p, tcfg, tokenizer, vocab_size, base,
                               model_overrides, lora_overrides, rank)
