@@ -18,6 +18,7 @@ def test_fuzz_smoke(tmp_path, harness, corpus):
     work = tmp_path / "corpus"
     shutil.copytree(FUZZ / "corpus" / corpus, work)
     r = subprocess.run([sys.executable, str(FUZZ / f"{harness}.py"), "-runs=3000", "-seed=1", "-len_control=0",
+                        f"-artifact_prefix={tmp_path}/",
                         str(work)], capture_output=True, text=True, timeout=600, cwd=FUZZ)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Done 3000 runs" in r.stderr

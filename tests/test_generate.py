@@ -94,6 +94,7 @@ def test_encode_decode(gqa_model):
     (dict(seed=-1), "seed"),
     (dict(stop=[""]), "stop"),
     (dict(stop=[3]), "stop"),
+    (dict(stop=3), "stop"),
 ])
 def test_bad_sampling_values(gqa_model, kwargs, message):
     rt = babyrt.load(gqa_model[1])

@@ -42,9 +42,13 @@ class CharTokenizer:
     def decode(self, ids) -> str:
         return "".join(self.chars[i] for i in ids)
 
+    def info(self) -> dict:
+        """What a checkpoint's config records to rebuild this tokenizer (load_tokenizer)."""
+        return {"kind": self.kind, "chars": self.chars}
+
     def save(self, out_dir: Path) -> dict:
         tokenizer_bin.write_char_vocab(out_dir / "tokenizer.bin", self.chars)
-        return {"kind": self.kind, "chars": self.chars}
+        return self.info()
 
 
 class SentencePieceTokenizer:
@@ -86,12 +90,16 @@ class SentencePieceTokenizer:
     def decode(self, ids) -> str:
         return self.sp.decode(list(ids))
 
+    def info(self) -> dict:
+        """What a checkpoint's config records to rebuild this tokenizer (load_tokenizer)."""
+        return {"kind": self.kind, "model_file": "tokenizer.model"}
+
     def save(self, out_dir: Path) -> dict:
         target = out_dir / "tokenizer.model"
         if self.model_file.resolve() != target.resolve():
             target.write_bytes(self.model_file.read_bytes())
         tokenizer_bin.write_from_sentencepiece(out_dir / "tokenizer.bin", target)
-        return {"kind": self.kind, "model_file": "tokenizer.model"}
+        return self.info()
 
 
 def load_tokenizer(info: dict, ckpt_dir: Path):

@@ -194,12 +194,10 @@ def _prepare_new(out: Path, data_file, name: str, p: dict, tcfg: TrainConfig, to
             tok = SentencePieceTokenizer(out / "tokenizer.model")
         else:
             raise ValueError(f"tokenizer must be 'char' or 'sp', got {tokenizer!r}")
-        tok_info = {**(tok.save(out) if rank == 0 else {"kind": tok.kind}),
-                    "bos_id": tok.bos_id, "eos_id": tok.eos_id, "add_bos": tok.add_bos}
-        if tok.kind == "char":
-            tok_info["chars"] = tok.chars
-        elif "model_file" not in tok_info:
-            tok_info["model_file"] = "tokenizer.model"
+        if rank == 0:
+            tok.save(out)
+        tok_info = {**tok.info(), "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+                    "add_bos": tok.add_bos}
         preset_model = p.get("model_by_name", {}).get(name, p.get("model", {}))
         model_config = {**preset_model, **(model_overrides or {}), "vocab_size": tok.vocab_size}
         lora = None
@@ -305,7 +303,7 @@ def train(data_file, out_dir, model_name: Optional[str] = None, preset: Optional
     if name == "babygpt-lora" and not resume:
         model_cls, config_cls = MODELS[name]
         model = model_cls(config_cls(**config["model_config"]))
-        model.load_state_dict(_load_weights(Path(config["base"]), model))
+        model.load_state_dict(_load_weights(Path(config["base"])))
         add_lora(model, LoRAConfig(**config["lora"]))
     else:
         model = build_model(config)
@@ -429,7 +427,7 @@ def train(data_file, out_dir, model_name: Optional[str] = None, preset: Optional
     return summary
 
 
-def _load_weights(ckpt_dir: Path, model: torch.nn.Module) -> dict:
+def _load_weights(ckpt_dir: Path) -> dict:
     path = ckpt_dir / "checkpoint.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{ckpt_dir}: no checkpoint.pt")
@@ -445,7 +443,7 @@ def load_checkpoint(ckpt_dir):
     config = json.loads(cfg_file.read_text())
     model = build_model(config)
     try:
-        model.load_state_dict(_load_weights(ckpt_dir, model))
+        model.load_state_dict(_load_weights(ckpt_dir))
     except RuntimeError as e:
         raise ValueError(f"{ckpt_dir}: the checkpoint does not match its config: "
                          f"{str(e).splitlines()[0]}") from None

@@ -44,9 +44,10 @@ def _sampling(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop) -> 
     elif isinstance(stop, str):
         stop = [stop]
     else:
-        stop = list(stop)
-        if not all(isinstance(s, str) for s in stop):
-            raise ArgumentError("stop must be a str or a list of str")
+        try:
+            stop = list(stop)
+        except TypeError:
+            raise ArgumentError(f"stop must be a str or a list of str, got {stop!r}") from None
     for s in stop:
         _check_text("stop string", s)
     return prompt, max_new_tokens, float(temperature), top_k, float(top_p), seed, stop
