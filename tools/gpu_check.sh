@@ -11,7 +11,16 @@ cd /tmp  # import the installed package, not the source tree
 repo=$OLDPWD
 if [[ $what == *tests* || $what == all ]]; then
   python3 -m pytest -q -x -p no:cacheprovider "$repo/tests/test_cuda.py" "$repo/tests/test_parity.py" \
-    "$repo/tests/test_hardening.py" 2>&1 | tail -15
+    "$repo/tests/test_ops.py" "$repo/tests/test_quantize.py" "$repo/tests/test_hardening.py" 2>&1 | tail -15
+fi
+if [[ $what == *int8* || $what == all ]]; then
+  python3 "$repo/benchmarks/int8_gemv_cuda.py" --json "$OUT/int8_gemv_cuda.json"
+fi
+if [[ $what == *bench* || $what == all ]]; then
+  for shape in ${BENCH_SHAPES:-stories15M stories110M 1b-gqa}; do
+    babyrt bench --shape $shape --device cuda --quantize int8 --json "$OUT/bench_$shape.json" \
+      ${BENCH_ARGS:-} 2>&1 | grep -v Warning
+  done
 fi
 if [[ $what == *seed* || $what == all ]]; then
   # The seed table, every model at once on the one GPU (each is far too small to fill it).

@@ -60,7 +60,11 @@ class TorchScriptBackend final : public Backend {
       throw ArtifactError(paths.model + ": cannot load the TorchScript module: " + first_line(e));
     }
     module_.eval();
-    if (dtype_ != parse_dtype(meta.dtype)) module_.to(dtype_);
+    // Only float parameters change dtype: int8 weights, their scales and buffers such as RoPE
+    // tables (python/babyrt/quantize.py) keep theirs.
+    if (dtype_ != parse_dtype(meta.dtype))
+      for (const auto& p : module_.named_parameters(/*recurse=*/true))
+        if (p.value.is_floating_point()) p.value.set_data(p.value.to(dtype_));
   }
 
   const Metadata& metadata() const override { return meta_; }

@@ -33,8 +33,17 @@ def _cmd_train(a) -> None:
 def _cmd_export(a) -> None:
     from .export import export_checkpoint
 
-    r = export_checkpoint(a.checkpoint, a.out, dtype=a.dtype)
+    r = export_checkpoint(a.checkpoint, a.out, dtype=a.dtype, quant=_quant_config(a))
     print(f"wrote {r['path']} ({r['bytes']:,} bytes)")
+
+
+def _quant_config(a):
+    if a.quantize is None:
+        return None
+    from .quantize import QuantConfig
+
+    return QuantConfig(group_size=a.group_size, scale_dtype=a.scale_dtype,
+                       classifier=not a.float_classifier, embedding=a.int8_embedding)
 
 
 def _cmd_generate(a) -> None:
@@ -111,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="turn a checkpoint directory into an artifact")
     e.add_argument("checkpoint")
     e.add_argument("--out", required=True, help="artifact directory to write")
-    e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="dtype of the float weights and of the activations")
+    _add_quant_args(e)
     e.set_defaults(func=_cmd_export)
 
     g = sub.add_parser("generate", help="generate text from an artifact with the C++ runtime")
@@ -139,6 +150,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     c.set_defaults(func=_cmd_convert)
 
+    b = sub.add_parser("bench", help="pp/tg speed of the runtime next to its peers, same weights")
+    b.add_argument("artifact", nargs="?", help="an artifact directory (or use --shape)")
+    b.add_argument("--shape", choices=["stories15M", "stories110M", "1b-gqa"],
+                   help="a LLaMA of this shape with random weights")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                   help="float dtype (default: fp32 on cpu, bf16 on cuda; as stored for an artifact)")
+    b.add_argument("--quantize", choices=["int8"], help="--shape: also run an int8 export")
+    b.add_argument("--group-size", type=int, choices=[32, 64, 128])
+    b.add_argument("--new-tokens", type=int, default=256)
+    b.add_argument("--repeat", type=int, default=3, help="timed runs (median) after one warm-up")
+    b.add_argument("--no-peers", action="store_true", help="skip the PyTorch peers")
+    b.add_argument("--json", help="write the results here")
+    b.add_argument("--plot", help="write a bar chart PNG here")
+    b.set_defaults(func=lambda a: __import__("babyrt.bench", fromlist=["main"]).main(a))
+
     d = sub.add_parser("demo", help="train on the stdlib's docstrings, export, generate (no data needed)")
     d.add_argument("--workdir", help="where to put the corpus, checkpoint and artifact "
                                      "(default ~/.cache/babyrt/demo)")
@@ -146,6 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt", default="Return the ")
     d.set_defaults(func=_cmd_demo)
     return p
+
+
+def _add_quant_args(p) -> None:
+    q = p.add_argument_group("int8 weights")
+    q.add_argument("--quantize", choices=["int8"], help="store linear weights as int8")
+    q.add_argument("--group-size", type=int, choices=[32, 64, 128],
+                   help="one scale per this many columns (default: one per output channel)")
+    q.add_argument("--scale-dtype", choices=["fp32", "bf16"], default="fp32")
+    q.add_argument("--float-classifier", action="store_true",
+                   help="keep the output projection float (it is int8 by default)")
+    q.add_argument("--int8-embedding", action="store_true",
+                   help="store an untied token table as int8 too (a tied one follows the classifier)")
 
 
 def main(argv=None) -> int:

@@ -130,6 +130,14 @@ def llama2c_to_artifact(checkpoint: PathLike, tokenizer_bin: PathLike, out_dir: 
                         model_config={"model": "llama2", **cfg.to_dict()})
 
 
+def _artifact_state(artifact_dir: PathLike) -> tuple:
+    """(training-layout fp32 state dict, classifier shared) of a LLaMA artifact."""
+    from .fused_llama import training_state_dict
+
+    module = torch.jit.load(str(Path(artifact_dir) / "model.pt"), map_location="cpu")
+    return training_state_dict(module)
+
+
 def artifact_to_llama2c(artifact_dir: PathLike, out_file: PathLike, version: int = 1) -> Path:
     """A babyrt LLaMA artifact -> a llama2.c checkpoint (v0 or v1), fp32."""
     md = read_metadata(artifact_dir)
@@ -137,11 +145,8 @@ def artifact_to_llama2c(artifact_dir: PathLike, out_file: PathLike, version: int
         raise ConversionError(f"{artifact_dir}: llama2.c holds LLaMA models, not {md['architecture']}")
     if version not in (0, 1):
         raise ConversionError(f"llama2.c version must be 0 or 1, got {version}")
-    module = torch.jit.load(str(Path(artifact_dir) / "model.pt"), map_location="cpu")
-    state = {k: v.float() for k, v in module.state_dict().items()}
-    emb, out = module.tok_embeddings.weight, module.output.weight
-    shared = emb.data_ptr() == out.data_ptr()
-    dim, hidden = emb.shape[1], state["layers.0.feed_forward.w1.weight"].shape[0]
+    state, shared = _artifact_state(artifact_dir)
+    dim, hidden = state["norm.weight"].shape[0], state["layers.0.feed_forward.w1.weight"].shape[0]
     cfg = LlamaConfig(vocab_size=md["vocab_size"], dim=dim, n_layers=md["n_layers"],
                       n_heads=dim // md["head_dim"], n_kv_heads=md["n_kv_heads"],
                       hidden_dim=hidden, context_length=md["context_length"],
@@ -311,10 +316,8 @@ def artifact_to_hf(artifact_dir: PathLike, out_dir: PathLike) -> Path:
     md = read_metadata(artifact_dir)
     if md["architecture"] != "llama":
         raise ConversionError(f"{artifact_dir}: only LLaMA artifacts convert to transformers")
-    module = torch.jit.load(str(Path(artifact_dir) / "model.pt"), map_location="cpu")
-    state = {k: v.float() for k, v in module.state_dict().items()}
-    shared = module.tok_embeddings.weight.data_ptr() == module.output.weight.data_ptr()
-    dim = state["tok_embeddings.weight"].shape[1]
+    state, shared = _artifact_state(artifact_dir)
+    dim = state["norm.weight"].shape[0]
     n_heads, n_kv = dim // md["head_dim"], md["n_kv_heads"]
     cfg_extra = md.get("model_config", {})
     back = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",

@@ -1,0 +1,61 @@
+"""Bandwidth of babyrt's CUDA int8 linear at batch 1 (decode), against the device-to-device
+copy bandwidth measured in the same run, for the 1B shape's two FFN matrices.
+
+    python benchmarks/int8_gemv_cuda.py [--json OUT]
+
+Each timing is a CUDA-event measurement of 200 back-to-back calls that cycle through enough
+copies of the weights (> 4x the L2 cache) that every call reads its weights from HBM.
+"""
+import argparse
+import json
+
+import torch
+
+from babyrt.bench import copy_bandwidth
+from babyrt.quantize import quantize_weight
+
+
+def time_calls(fn, n_copies: int, iters: int = 200) -> float:
+    for i in range(n_copies):  # warm-up
+        fn(i)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(iters):
+        fn(i % n_copies)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    copy_bw = copy_bandwidth("cuda")
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    rows = []
+    for N, K in [(2048, 5632), (5632, 2048)]:
+        n_copies = max(4, 4 * l2 // (N * K) + 1)
+        qs = [quantize_weight(torch.randn(N, K, device="cuda")) for _ in range(n_copies)]
+        ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(n_copies)]
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        t_q8 = time_calls(lambda i: torch.ops.babyrt.linear(x, qs[i][0], qs[i][1], None), n_copies)
+        t_bf16 = time_calls(lambda i: torch.nn.functional.linear(x, ws[i]), n_copies)
+        want = x.float() @ torch.ops.babyrt.dequantize(*qs[0]).T
+        err = (torch.ops.babyrt.linear(x, qs[0][0], qs[0][1], None).float() - want).abs().max().item()
+        q_bytes = N * K + qs[0][1].nbytes
+        row = {"shape": f"{N}x{K}", "int8_us": t_q8 * 1e6, "int8_gb_s": q_bytes / t_q8 / 1e9,
+               "int8_pct_copy_bw": 100 * q_bytes / t_q8 / copy_bw, "bf16_us": t_bf16 * 1e6,
+               "bf16_gb_s": 2 * N * K / t_bf16 / 1e9, "max_abs_err_vs_dequant": err}
+        rows.append(row)
+        print(f"{row['shape']}: int8 {row['int8_us']:.2f} us, {row['int8_gb_s']:.0f} GB/s "
+              f"({row['int8_pct_copy_bw']:.0f}% of copy {copy_bw / 1e9:.0f} GB/s); "
+              f"bf16 cuBLAS {row['bf16_us']:.2f} us, {row['bf16_gb_s']:.0f} GB/s; max err {err:.2e}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_gb_s": copy_bw / 1e9,
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,302 @@
+#include "ops/cpu_kernels.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace babyrt::cpu {
+namespace {
+
+#define BABYRT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define BABYRT_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+// How far ahead (bytes) a streamed row is prefetched.
+constexpr int64_t kPrefetchBytes = 1024;
+
+enum class Isa { kScalar, kAvx2, kAvx512 };
+
+Isa detect() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+  return Isa::kScalar;
+}
+
+const Isa kIsa = detect();
+
+// ---------------------------------------------------------------------------- scalar
+void gemv_f32_scalar(const float* W, const float* x, const float* residual, float* y, int64_t K,
+                     int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* w = W + n * K;
+    float acc = 0;
+    for (int64_t k = 0; k < K; ++k) acc += w[k] * x[k];
+    y[n] = acc + (residual ? residual[n] : 0.f);
+  }
+}
+
+void gemv_q8_scalar(const int8_t* W, const float* scales, int64_t group, const float* x,
+                    const float* residual, float* y, int64_t K, int64_t n0, int64_t n1) {
+  const int64_t G = K / group;
+  for (int64_t n = n0; n < n1; ++n) {
+    float acc = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      const int8_t* w = W + n * K + g * group;
+      const float* xg = x + g * group;
+      float part = 0;
+      for (int64_t k = 0; k < group; ++k) part += static_cast<float>(w[k]) * xg[k];
+      acc += part * scales[n * G + g];
+    }
+    y[n] = acc + (residual ? residual[n] : 0.f);
+  }
+}
+
+// ---------------------------------------------------------------------------- AVX-512
+BABYRT_AVX512 inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+
+// Four rows at a time share each load of x.
+BABYRT_AVX512 void gemv_f32_avx512(const float* W, const float* x, const float* residual,
+                                   float* y, int64_t K, int64_t n0, int64_t n1, bool stream) {
+  const int64_t ahead = kPrefetchBytes / sizeof(float);
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const float* w0 = W + n * K;
+    const float* w1 = w0 + K;
+    const float* w2 = w1 + K;
+    const float* w3 = w2 + K;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 m = tail_mask(K - k);
+      if (stream) {
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + k + ahead), _MM_HINT_NTA);
+        _mm_prefetch(reinterpret_cast<const char*>(w1 + k + ahead), _MM_HINT_NTA);
+        _mm_prefetch(reinterpret_cast<const char*>(w2 + k + ahead), _MM_HINT_NTA);
+        _mm_prefetch(reinterpret_cast<const char*>(w3 + k + ahead), _MM_HINT_NTA);
+      }
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w0 + k), xv, a0);
+      a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w1 + k), xv, a1);
+      a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w2 + k), xv, a2);
+      a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w3 + k), xv, a3);
+    }
+    y[n] = _mm512_reduce_add_ps(a0) + (residual ? residual[n] : 0.f);
+    y[n + 1] = _mm512_reduce_add_ps(a1) + (residual ? residual[n + 1] : 0.f);
+    y[n + 2] = _mm512_reduce_add_ps(a2) + (residual ? residual[n + 2] : 0.f);
+    y[n + 3] = _mm512_reduce_add_ps(a3) + (residual ? residual[n + 3] : 0.f);
+  }
+  for (; n < n1; ++n) {
+    const float* w = W + n * K;
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 m = tail_mask(K - k);
+      a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + k), _mm512_maskz_loadu_ps(m, x + k), a);
+    }
+    y[n] = _mm512_reduce_add_ps(a) + (residual ? residual[n] : 0.f);
+  }
+}
+
+BABYRT_AVX512 inline __m512 load_q8(const int8_t* p, __mmask16 m) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
+
+BABYRT_AVX512 void gemv_q8_avx512(const int8_t* W, const float* scales, int64_t group,
+                                  const float* x, const float* residual, float* y, int64_t K,
+                                  int64_t n0, int64_t n1, bool stream) {
+  const int64_t G = K / group;
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const int8_t* w0 = W + n * K;
+    const int8_t* w1 = w0 + K;
+    const int8_t* w2 = w1 + K;
+    const int8_t* w3 = w2 + K;
+    const float* s = scales + n * G;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 p0 = _mm512_setzero_ps(), p1 = p0, p2 = p0, p3 = p0;
+      const int64_t end = (g + 1) * group;
+      for (int64_t k = g * group; k < end; k += 16) {
+        const __mmask16 m = tail_mask(end - k);
+        if (stream && (k & 63) == 0) {
+          _mm_prefetch(reinterpret_cast<const char*>(w0 + k + kPrefetchBytes), _MM_HINT_NTA);
+          _mm_prefetch(reinterpret_cast<const char*>(w1 + k + kPrefetchBytes), _MM_HINT_NTA);
+          _mm_prefetch(reinterpret_cast<const char*>(w2 + k + kPrefetchBytes), _MM_HINT_NTA);
+          _mm_prefetch(reinterpret_cast<const char*>(w3 + k + kPrefetchBytes), _MM_HINT_NTA);
+        }
+        const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+        p0 = _mm512_fmadd_ps(load_q8(w0 + k, m), xv, p0);
+        p1 = _mm512_fmadd_ps(load_q8(w1 + k, m), xv, p1);
+        p2 = _mm512_fmadd_ps(load_q8(w2 + k, m), xv, p2);
+        p3 = _mm512_fmadd_ps(load_q8(w3 + k, m), xv, p3);
+      }
+      a0 = _mm512_fmadd_ps(p0, _mm512_set1_ps(s[g]), a0);
+      a1 = _mm512_fmadd_ps(p1, _mm512_set1_ps(s[G + g]), a1);
+      a2 = _mm512_fmadd_ps(p2, _mm512_set1_ps(s[2 * G + g]), a2);
+      a3 = _mm512_fmadd_ps(p3, _mm512_set1_ps(s[3 * G + g]), a3);
+    }
+    y[n] = _mm512_reduce_add_ps(a0) + (residual ? residual[n] : 0.f);
+    y[n + 1] = _mm512_reduce_add_ps(a1) + (residual ? residual[n + 1] : 0.f);
+    y[n + 2] = _mm512_reduce_add_ps(a2) + (residual ? residual[n + 2] : 0.f);
+    y[n + 3] = _mm512_reduce_add_ps(a3) + (residual ? residual[n + 3] : 0.f);
+  }
+  for (; n < n1; ++n) {
+    const int8_t* w = W + n * K;
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 p = _mm512_setzero_ps();
+      const int64_t end = (g + 1) * group;
+      for (int64_t k = g * group; k < end; k += 16) {
+        const __mmask16 m = tail_mask(end - k);
+        p = _mm512_fmadd_ps(load_q8(w + k, m), _mm512_maskz_loadu_ps(m, x + k), p);
+      }
+      a = _mm512_fmadd_ps(p, _mm512_set1_ps(scales[n * G + g]), a);
+    }
+    y[n] = _mm512_reduce_add_ps(a) + (residual ? residual[n] : 0.f);
+  }
+}
+
+// ---------------------------------------------------------------------------- AVX2
+BABYRT_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+BABYRT_AVX2 void gemv_f32_avx2(const float* W, const float* x, const float* residual, float* y,
+                               int64_t K, int64_t n0, int64_t n1, bool stream) {
+  const int64_t ahead = kPrefetchBytes / sizeof(float);
+  const int64_t K8 = K & ~int64_t{7};
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const float* w0 = W + n * K;
+    const float* w1 = w0 + K;
+    const float* w2 = w1 + K;
+    const float* w3 = w2 + K;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < K8; k += 8) {
+      if (stream && (k & 15) == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + k + ahead), _MM_HINT_NTA);
+        _mm_prefetch(reinterpret_cast<const char*>(w1 + k + ahead), _MM_HINT_NTA);
+        _mm_prefetch(reinterpret_cast<const char*>(w2 + k + ahead), _MM_HINT_NTA);
+        _mm_prefetch(reinterpret_cast<const char*>(w3 + k + ahead), _MM_HINT_NTA);
+      }
+      const __m256 xv = _mm256_loadu_ps(x + k);
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), xv, a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), xv, a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), xv, a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), xv, a3);
+    }
+    float r[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+    for (int64_t k = K8; k < K; ++k) {
+      r[0] += w0[k] * x[k];
+      r[1] += w1[k] * x[k];
+      r[2] += w2[k] * x[k];
+      r[3] += w3[k] * x[k];
+    }
+    for (int i = 0; i < 4; ++i) y[n + i] = r[i] + (residual ? residual[n + i] : 0.f);
+  }
+  gemv_f32_scalar(W, x, residual, y, K, n, n1);
+}
+
+BABYRT_AVX2 inline __m256 load_q8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+BABYRT_AVX2 void gemv_q8_avx2(const int8_t* W, const float* scales, int64_t group, const float* x,
+                              const float* residual, float* y, int64_t K, int64_t n0, int64_t n1,
+                              bool stream) {
+  if (group % 8) return gemv_q8_scalar(W, scales, group, x, residual, y, K, n0, n1);
+  const int64_t G = K / group;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = W + n * K;
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 p = _mm256_setzero_ps();
+      for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
+        if (stream && (k & 63) == 0)
+          _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetchBytes), _MM_HINT_NTA);
+        p = _mm256_fmadd_ps(load_q8(w + k), _mm256_loadu_ps(x + k), p);
+      }
+      a = _mm256_fmadd_ps(p, _mm256_set1_ps(scales[n * G + g]), a);
+    }
+    y[n] = hsum(a) + (residual ? residual[n] : 0.f);
+  }
+}
+
+}  // namespace
+
+const char* isa() {
+  switch (kIsa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+void gemv_f32(const float* W, const float* x, const float* residual, float* y, int64_t K,
+              int64_t n0, int64_t n1, bool stream) {
+  switch (kIsa) {
+    case Isa::kAvx512: return gemv_f32_avx512(W, x, residual, y, K, n0, n1, stream);
+    case Isa::kAvx2: return gemv_f32_avx2(W, x, residual, y, K, n0, n1, stream);
+    default: return gemv_f32_scalar(W, x, residual, y, K, n0, n1);
+  }
+}
+
+void gemv_q8(const int8_t* W, const float* scales, int64_t group, const float* x,
+             const float* residual, float* y, int64_t K, int64_t n0, int64_t n1, bool stream) {
+  switch (kIsa) {
+    case Isa::kAvx512: return gemv_q8_avx512(W, scales, group, x, residual, y, K, n0, n1, stream);
+    case Isa::kAvx2: return gemv_q8_avx2(W, scales, group, x, residual, y, K, n0, n1, stream);
+    default: return gemv_q8_scalar(W, scales, group, x, residual, y, K, n0, n1);
+  }
+}
+
+// target_clones: the compiler vectorises these loops once per instruction set and picks at load.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void rope(float* x, const float* cos, const float* sin, int64_t n_heads, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < n_heads; ++h) {
+    float* p = x + h * D;
+    for (int64_t i = 0; i < half; ++i) {
+      const float x0 = p[2 * i], x1 = p[2 * i + 1];
+      p[2 * i] = x0 * cos[i] - x1 * sin[i];
+      p[2 * i + 1] = x0 * sin[i] + x1 * cos[i];
+    }
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void attend_one(float* q, const float* cos, const float* sin, const float* k, const float* v,
+                int64_t n_slots, int64_t D, float* scores, float* out) {
+  if (cos) rope(q, cos, sin, 1, D);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  float max_score = -INFINITY;
+  for (int64_t s = 0; s < n_slots; ++s) {
+    const float* ks = k + s * D;
+    float dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < D; ++d) dot += q[d] * ks[d];
+    scores[s] = dot * scale;
+    max_score = std::max(max_score, scores[s]);
+  }
+  float total = 0;
+  for (int64_t s = 0; s < n_slots; ++s) {
+    scores[s] = std::exp(scores[s] - max_score);
+    total += scores[s];
+  }
+  for (int64_t d = 0; d < D; ++d) out[d] = 0;
+  const float inv = 1.0f / total;
+  for (int64_t s = 0; s < n_slots; ++s) {
+    const float p = scores[s] * inv;
+    const float* vs = v + s * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) out[d] += p * vs[d];
+  }
+}
+
+}  // namespace babyrt::cpu

@@ -1,0 +1,207 @@
+"""babyrt bench: prompt processing (pp) and token generation (tg) speed of the C++ runtime, in
+the spirit of llama-bench, next to its peers measured in the same run on the same weights.
+
+An artifact is benchmarked as it is; a --shape builds a LLaMA of that shape with random weights
+(seed 0) and a synthetic char vocabulary, exported once per variant (fp32/bf16/fp16, int8).
+Every figure is the median of --repeat timed runs after a warm-up run.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SHAPES = {
+    "stories15M": dict(dim=288, n_layers=6, n_heads=6, hidden_dim=768),
+    "stories110M": dict(dim=768, n_layers=12, n_heads=12, hidden_dim=2048),
+    "1b-gqa": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632),
+}
+PROMPT = "Once upon a time"  # 16 characters: 16 tokens with the synthetic char vocabulary
+
+
+def shape_model(shape: str, context_length: int):
+    from .training.models.llama import Llama, LlamaConfig
+
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32000, context_length=context_length, tie_embeddings=True,
+                      **SHAPES[shape])
+    return Llama(cfg).eval()
+
+
+def _synthetic_vocab(path: Path, vocab_size: int) -> None:
+    """One character per token: printable ASCII first (so PROMPT encodes one token per
+    character), then code points from U+0100 up."""
+    from .tokenizer_bin import write_char_vocab
+
+    chars = [chr(c) for c in range(32, 127)]
+    chars += [chr(c) for c in range(0x100, 0x100 + vocab_size - len(chars))]
+    write_char_vocab(path, chars)
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes moved per second (read + write) by a 256 MB device-to-device copy, best of 5."""
+    src = torch.ones(64 << 20, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(6):
+        t = _now(device)
+        dst.copy_(src)
+        best = min(best, _now(device) - t)
+    return 2 * src.nbytes / best
+
+
+def _now(device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def weight_bytes(artifact_dir) -> int:
+    """Bytes of weights a decode step reads: every tensor of the module once (tied tables
+    count once), less an untied token table (one row is read) and the RoPE tables."""
+    module = torch.jit.load(str(Path(artifact_dir) / "model.pt"), map_location="cpu")
+    seen, total = set(), 0
+    sd = module.state_dict()
+    emb = sd.get("tok_embeddings.weight")
+    out = sd.get("output.weight")
+    skip_emb = emb is not None and out is not None and emb.data_ptr() != out.data_ptr()
+    for name, t in sd.items():
+        if t.data_ptr() in seen or "rope" in name or (skip_emb and name.startswith("tok_embeddings")):
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def run_babyrt(artifact_dir, device: str, dtype: Optional[str], new_tokens: int, repeat: int) -> dict:
+    import babyrt
+
+    model = babyrt.load(artifact_dir, device=device, dtype=dtype)
+    runs = []
+    for i in range(repeat + 1):
+        model.generate(PROMPT, max_new_tokens=new_tokens, temperature=0.0)
+        if i:  # the first run warms up
+            runs.append(model.last_stats)
+    s = runs[-1]
+    pp = statistics.median(r["prompt_tokens"] / r["prefill_seconds"] for r in runs)
+    tg = statistics.median(r["decode_steps"] / r["decode_seconds"] for r in runs)
+    return {"pp_tok_s": pp, "tg_tok_s": tg, "prompt_tokens": s["prompt_tokens"],
+            "new_tokens": s["generated_tokens"]}
+
+
+def run_eager(model, device: str, dtype: torch.dtype, new_tokens: int, repeat: int,
+              prompt_ids: list) -> dict:
+    """The peer: the training model in a Python loop with a static KV cache, greedy."""
+    m = model.to(device=device, dtype=dtype)
+    c = m.cfg
+    tg = []
+    with torch.inference_mode():
+        for i in range(repeat + 1):
+            shape = (c.n_layers, 1, c.n_kv_heads, c.context_length, c.head_dim)
+            kc = torch.zeros(shape, device=device, dtype=dtype)
+            vc = torch.zeros_like(kc)
+            x = torch.tensor([prompt_ids], device=device)
+            logits = m(x, torch.arange(len(prompt_ids), device=device)[None], kc, vc)
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+            t = _now(device)
+            for p in range(len(prompt_ids), len(prompt_ids) + new_tokens - 1):
+                logits = m(tok, torch.tensor([[p]], device=device), kc, vc)
+                tok = logits[:, -1].argmax(-1, keepdim=True)
+            tok.item()
+            if i:
+                tg.append((new_tokens - 1) / (_now(device) - t))
+    return {"tg_tok_s": statistics.median(tg)}
+
+
+def bench(artifact: Optional[str] = None, shape: Optional[str] = None, device: str = "cpu",
+          dtype: Optional[str] = None, quantize: bool = False, group_size: Optional[int] = None,
+          new_tokens: int = 256, repeat: int = 3, peers: bool = True) -> dict:
+    from .artifact import read_metadata
+    from .export import export_model
+    from .quantize import QuantConfig
+
+    bw = copy_bandwidth(device)
+    rows, model = [], None
+    with tempfile.TemporaryDirectory(prefix="babyrt-bench-") as tmp:
+        if artifact:
+            variants = [(Path(artifact).name, Path(artifact), dtype)]
+        else:
+            context = max(512, len(PROMPT) + new_tokens)
+            model = shape_model(shape, context)
+            vocab = Path(tmp) / "tokenizer.bin"
+            _synthetic_vocab(vocab, model.cfg.vocab_size)
+            info = {"kind": "char", "bos_id": -1, "eos_id": -1, "add_bos": False}
+            fdtype = dtype or ("fp32" if device == "cpu" else "bf16")
+            variants = []
+            for q in ([None, QuantConfig(group_size=group_size)] if quantize else [None]):
+                name = f"{shape} {fdtype}" + (" int8" if q else "")
+                out = export_model(model, info, vocab, Path(tmp) / name.replace(" ", "-"),
+                                   dtype=fdtype, quant=q)
+                variants.append((name, out, None))
+        for name, path, dt in variants:
+            r = run_babyrt(path, device, dt, new_tokens, repeat)
+            wb = weight_bytes(path)
+            md = read_metadata(path)
+            rows.append({"runtime": "babyrt", "model": name, "device": device,
+                         "dtype": dt or md["dtype"], "quantization": md["quantization"],
+                         "weight_bytes": wb, **r, "ms_per_token": 1e3 / r["tg_tok_s"],
+                         "weight_gb_s": wb * r["tg_tok_s"] / 1e9,
+                         "pct_copy_bw": 100 * wb * r["tg_tok_s"] / bw})
+        if peers and model is not None:
+            fdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+                dtype or ("fp32" if device == "cpu" else "bf16")]
+            prompt_ids = [ord(ch) - 32 for ch in PROMPT]
+            r = run_eager(model, device, fdtype, new_tokens, repeat, prompt_ids)
+            rows.append({"runtime": "PyTorch eager loop", "model": f"{shape}", "device": device,
+                         "dtype": str(fdtype).replace("torch.", ""), "quantization": "none",
+                         **r, "ms_per_token": 1e3 / r["tg_tok_s"]})
+    return {"device": device, "copy_gb_s": bw / 1e9, "new_tokens": new_tokens,
+            "prompt": PROMPT, "threads": torch.get_num_threads(), "rows": rows}
+
+
+def table(result: dict) -> str:
+    lines = [f"device {result['device']}, copy bandwidth {result['copy_gb_s']:.1f} GB/s, "
+             f"{result['threads']} threads, {result['new_tokens']} new tokens",
+             "| runtime | model | quant | pp tok/s | tg tok/s | ms/token | weight GB/s | % copy BW |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        pp = f"{r['pp_tok_s']:,.0f}" if "pp_tok_s" in r else "-"
+        gbs = f"{r['weight_gb_s']:.1f}" if "weight_gb_s" in r else "-"
+        pct = f"{r['pct_copy_bw']:.0f}%" if "pct_copy_bw" in r else "-"
+        lines.append(f"| {r['runtime']} | {r['model']} | {r['quantization']} | {pp} | "
+                     f"{r['tg_tok_s']:,.1f} | {r['ms_per_token']:.3f} | {gbs} | {pct} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['runtime']}\n{r['model']}" for r in result["rows"]]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4))
+    ax.bar(labels, [r["tg_tok_s"] for r in result["rows"]])
+    ax.set_ylabel("tokens / s (tg)")
+    ax.set_title(f"batch 1 decode, {result['device']}")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(a) -> None:
+    if not a.artifact and not a.shape:
+        raise ValueError("give an ARTIFACT_DIR or --shape")
+    result = bench(a.artifact, a.shape, a.device, a.dtype, a.quantize == "int8", a.group_size,
+                   a.new_tokens, a.repeat, not a.no_peers)
+    print(table(result))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1))
+    if a.plot:
+        plot(result, a.plot)

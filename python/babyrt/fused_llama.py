@@ -1,0 +1,123 @@
+"""The exported form of a LLaMA: the same network as training/models/llama.py, written with
+babyrt's fused ops (cpp/ops) so that a decode step is 5 op calls per layer instead of ~30:
+
+    qkv = rmsnorm_linear(x, attention_norm, Wqkv)          # q, k, v in one GEMV
+    y   = attention(qkv, positions, rope, k/v cache)       # RoPE + cache write + attention
+    x   = linear(y, Wo, residual=x)
+    h   = rmsnorm_linear(x, ffn_norm, W13)                  # gate and up in one GEMV
+    x   = swiglu_linear(h, W2, residual=x)
+
+Weights are float, or int8 with scales (quantize.py). The artifact's calling convention is
+unchanged (docs/artifact-format.md); the parity tests hold it to the training model.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .quantize import QuantConfig, Weight
+from .training.models.layers import rope_tables
+
+
+class FusedBlock(nn.Module):
+    def __init__(self, block, cfg, quant: Optional[QuantConfig]):
+        super().__init__()
+        a, f = block.attention, block.feed_forward
+        self.attention_norm = nn.Parameter(block.attention_norm.weight.detach().clone(),
+                                           requires_grad=False)
+        self.ffn_norm = nn.Parameter(block.ffn_norm.weight.detach().clone(), requires_grad=False)
+        self.wqkv = Weight(torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]), quant)
+        self.wo = Weight(a.wo.weight, quant)
+        self.w13 = Weight(torch.cat([f.w1.weight, f.w3.weight]), quant)
+        self.w2 = Weight(f.w2.weight, quant)
+        self.eps = float(cfg.norm_eps)
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        qkv = torch.ops.babyrt.rmsnorm_linear(x, self.attention_norm, self.eps, self.wqkv.weight,
+                                              self.wqkv.scales)
+        y = torch.ops.babyrt.attention(qkv, positions, cos, sin, k_cache, v_cache, self.n_heads,
+                                       self.n_kv_heads)
+        x = torch.ops.babyrt.linear(y, self.wo.weight, self.wo.scales, x)
+        h = torch.ops.babyrt.rmsnorm_linear(x, self.ffn_norm, self.eps, self.w13.weight,
+                                            self.w13.scales)
+        return torch.ops.babyrt.swiglu_linear(h, self.w2.weight, self.w2.scales, x)
+
+
+class FusedLlama(nn.Module):
+    """Built from a trained Llama (any dtype); quant=None keeps the weights float."""
+
+    def __init__(self, model, quant: Optional[QuantConfig] = None):
+        super().__init__()
+        c = model.cfg
+        self.n_layers, self.n_kv_heads, self.head_dim = c.n_layers, c.n_kv_heads, c.head_dim
+        self.context_length, self.eps = c.context_length, float(c.norm_eps)
+        self.layers = nn.ModuleList([FusedBlock(b, c, quant) for b in model.layers])
+        self.norm = nn.Parameter(model.norm.weight.detach().clone(), requires_grad=False)
+        q_out = quant if quant is not None and quant.classifier else None
+        self.output = Weight(model.output.weight, q_out)
+        if model.output.weight is model.tok_embeddings.weight:
+            self.tok_embeddings = self.output  # tied: one table (float or int8) serves both ends
+        else:
+            q_emb = quant if quant is not None and quant.embedding else None
+            self.tok_embeddings = Weight(model.tok_embeddings.weight, q_emb)
+        # RoPE tables stay fp32 whatever the weights' dtype.
+        cos, sin = rope_tables(c.head_dim, c.context_length, c.rope_theta)
+        self.register_buffer("rope_cos", cos)
+        self.register_buffer("rope_sin", sin)
+        self.architecture = model.architecture
+        self._metadata = model.export_metadata()
+
+    def export_metadata(self) -> dict:
+        return dict(self._metadata)
+
+    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                k_cache: Optional[torch.Tensor] = None,
+                v_cache: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, T = tokens.shape[0], tokens.shape[1]
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).unsqueeze(0).expand(B, T)
+        x = torch.ops.babyrt.embedding(tokens, self.tok_embeddings.weight,
+                                       self.tok_embeddings.scales, self.norm.dtype)
+        if k_cache is None or v_cache is None or k_cache.numel() == 0:
+            # No runtime cache (a plain forward from Python): a scratch one gives causal attention.
+            shape = [self.n_layers, B, self.n_kv_heads, self.context_length, self.head_dim]
+            k_cache = torch.zeros(shape, dtype=x.dtype, device=x.device)
+            v_cache = torch.zeros(shape, dtype=x.dtype, device=x.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, self.rope_cos, self.rope_sin, k_cache[i], v_cache[i])
+        return torch.ops.babyrt.rmsnorm_linear(x, self.norm, self.eps, self.output.weight,
+                                               self.output.scales).float()
+
+
+def training_state_dict(module) -> tuple:
+    """(state dict in training/models/llama.py's layout, fp32 with int8 dequantized; whether the
+    classifier shares the embedding) of a loaded LLaMA artifact module, fused or not."""
+    sd = module.state_dict()
+    shared = module.tok_embeddings.weight.data_ptr() == module.output.weight.data_ptr()
+    if "layers.0.wqkv.weight" not in sd:  # an artifact from before FusedLlama
+        return {k: v.float() for k, v in sd.items()}, shared
+
+    def weight(prefix: str) -> torch.Tensor:
+        w, s = sd[prefix + ".weight"], sd.get(prefix + ".scales")
+        return torch.ops.babyrt.dequantize(w, s) if s is not None else w.float()
+
+    dim = sd["norm"].shape[0]
+    head_dim = module.head_dim
+    n_heads, n_kv = dim // head_dim, module.n_kv_heads
+    out = {"tok_embeddings.weight": weight("tok_embeddings"), "norm.weight": sd["norm"].float(),
+           "output.weight": weight("output")}
+    for i in range(module.n_layers):
+        p = f"layers.{i}."
+        wq, wk, wv = weight(p + "wqkv").split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim])
+        w1, w3 = weight(p + "w13").chunk(2)
+        out.update({p + "attention.wq.weight": wq, p + "attention.wk.weight": wk,
+                    p + "attention.wv.weight": wv, p + "attention.wo.weight": weight(p + "wo"),
+                    p + "feed_forward.w1.weight": w1, p + "feed_forward.w3.weight": w3,
+                    p + "feed_forward.w2.weight": weight(p + "w2"),
+                    p + "attention_norm.weight": sd[p + "attention_norm"].float(),
+                    p + "ffn_norm.weight": sd[p + "ffn_norm"].float()})
+    return out, shared

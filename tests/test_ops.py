@@ -1,0 +1,134 @@
+"""babyrt's custom ops (cpp/ops) against plain PyTorch references, on the CPU and, where there
+is a GPU, on CUDA: linear (float and int8, per channel and group-wise), the fused norm/SwiGLU
+linears, attention with RoPE and the KV cache, and quantization itself."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import babyrt  # noqa: F401  (registers torch.ops.babyrt)
+from babyrt.quantize import QuantConfig, dequantize, quantize_weight
+from babyrt.training.models.layers import apply_rope, rope_tables
+
+ops = torch.ops.babyrt
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def reference_linear(x, w, scales=None, residual=None):
+    wf = w.float() if scales is None else w.float().view(w.shape[0], scales.shape[1], -1).mul(
+        scales.float().unsqueeze(-1)).view(w.shape)
+    y = x.double() @ wf.double().T
+    return (y if residual is None else y + residual.double()).to(x.dtype)
+
+
+SHAPES = [(1, 1, 16), (1, 7, 32), (1, 288, 288), (2, 300, 96), (3, 65, 128), (4, 13, 768),
+          (5, 64, 64), (17, 40, 256), (1, 5, 33)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_float_linear_equals_matmul(device, M, N, K):
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    x, w, r = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(M, N, generator=g)
+    x, w, r = x.to(device), w.to(device), r.to(device)
+    torch.testing.assert_close(ops.linear(x, w, None, None), reference_linear(x, w), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ops.linear(x, w, None, r), reference_linear(x, w, residual=r), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("M,N,K,group", [(*s, g) for s in SHAPES for g in (None, 32, 64, 128)
+                                         if g is None or s[2] % g == 0])
+@pytest.mark.parametrize("scale_dtype", ["fp32", "bf16"])
+def test_int8_linear_equals_dequantize_then_matmul(device, M, N, K, group, scale_dtype):    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    x, w, r = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(M, N, generator=g)
+    q, s = quantize_weight(w, group, scale_dtype)
+    x, q, s, r = x.to(device), q.to(device), s.to(device), r.to(device)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)):
+        if device == "cpu" and dtype == torch.float16:
+            continue
+        xd, rd = x.to(dtype), r.to(dtype)
+        want = reference_linear(xd.float(), q, s, rd.float())
+        got = ops.linear(xd, q, s, rd)
+        assert got.dtype == dtype and got.shape == (M, N)
+        torch.testing.assert_close(got.float(), want, atol=tol * K ** 0.5, rtol=tol)
+    # batched leading dims are flattened the same way
+    got3 = ops.linear(x.view(1, M, K), q, s, None)
+    torch.testing.assert_close(got3.view(M, N), reference_linear(x, q, s), atol=1e-4, rtol=1e-4)
+
+
+def test_quantize_error_is_within_half_a_step():
+    w = torch.randn(96, 256)
+    for group in (None, 32, 64, 128):
+        q, s = quantize_weight(w, group)
+        assert q.dtype == torch.int8 and q.abs().max() <= 127
+        assert s.shape == (96, 1 if group is None else 256 // group)
+        err = (dequantize(q, s) - w).abs().view(96, s.shape[1], -1)
+        assert (err <= s.unsqueeze(-1) / 2 + 1e-6).all()
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize_weight(torch.randn(4, 48), 32)
+    with pytest.raises(ValueError, match="group_size"):
+        QuantConfig(group_size=48)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_norm_and_swiglu_linears(device):
+    torch.manual_seed(0)
+    x, nw, w = torch.randn(2, 3, 48), torch.rand(48) + 0.5, torch.randn(40, 48)
+    x, nw, w = x.to(device), nw.to(device), w.to(device)
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * nw
+    torch.testing.assert_close(ops.rmsnorm_linear(x, nw, 1e-5, w, None), normed @ w.T, atol=1e-4, rtol=1e-4)
+    h, w2, r = torch.randn(1, 1, 96).to(device), torch.randn(48, 48).to(device), torch.randn(1, 1, 48).to(device)
+    want = (F.silu(h[..., :48]) * h[..., 48:]) @ w2.T + r
+    torch.testing.assert_close(ops.swiglu_linear(h, w2, None, r), want, atol=1e-4, rtol=1e-4)
+
+
+def reference_attention(qkv, positions, cos, sin, kc, vc, H, KV):
+    """The training model's path: training/models/layers.py RoPE, cache scatter, masked SDPA."""
+    B, T = qkv.shape[:2]
+    D = kc.shape[-1]
+    q, k, v = qkv.split([H * D, KV * D, KV * D], -1)
+    q, k, v = q.view(B, T, H, D), k.view(B, T, KV, D), v.view(B, T, KV, D)
+    c, s = cos[positions], sin[positions]
+    q, k = apply_rope(q, c, s), apply_rope(k, c, s)
+    idx = positions[:, None, :, None].expand(B, KV, T, D)
+    kc.scatter_(2, idx, k.transpose(1, 2))
+    vc.scatter_(2, idx, v.transpose(1, 2))
+    mask = torch.arange(kc.shape[2])[None, None, None, :].to(positions.device) <= positions[:, None, :, None]
+    kk, vv = kc.repeat_interleave(H // KV, 1), vc.repeat_interleave(H // KV, 1)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), kk, vv, attn_mask=mask)
+    return y.transpose(1, 2).reshape(B, T, H * D)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("H,KV", [(4, 4), (6, 2), (8, 1)])
+def test_attention_prefill_then_decode(device, H, KV):
+    torch.manual_seed(H + KV)
+    B, D, S = 2, 16, 24
+    cos, sin = rope_tables(D, S, 10000.0)
+    cos, sin = cos.to(device), sin.to(device)
+    caches = [torch.zeros(B, KV, S, D, device=device) for _ in range(4)]
+    steps = [torch.arange(7).repeat(B, 1), torch.tensor([[7], [7]]), torch.tensor([[8, 9, 10], [8, 9, 10]])]
+    for positions in steps:
+        positions = positions.to(device)
+        qkv = torch.randn(B, positions.shape[1], (H + 2 * KV) * D, device=device)
+        got = ops.attention(qkv, positions, cos, sin, caches[0], caches[1], H, KV)
+        want = reference_attention(qkv, positions, cos, sin, caches[2], caches[3], H, KV)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(caches[0], caches[2], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(caches[1], caches[3])
+
+
+def test_ops_reject_bad_shapes():
+    x, w = torch.randn(1, 8), torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        ops.linear(torch.randn(1, 9), w, None, None)
+    with pytest.raises(RuntimeError, match="need scales"):
+        ops.linear(x, w.to(torch.int8), None, None)
+    with pytest.raises(RuntimeError, match="scales of shape"):
+        ops.linear(x, w.to(torch.int8), torch.ones(4, 3), None)
+    with pytest.raises(RuntimeError, match="residual"):
+        ops.linear(x, w, None, torch.randn(1, 5))
+    kc = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.attention(torch.randn(1, 1, 48), torch.tensor([[4]]), None, None, kc, kc.clone(), 2, 2)
+    with pytest.raises(RuntimeError, match="n_kv_heads"):
+        ops.attention(torch.randn(1, 1, 48), torch.tensor([[0]]), None, None, kc, kc.clone(), 3, 2)
