@@ -38,7 +38,8 @@ def test_float_linear_equals_matmul(device, M, N, K):
 @pytest.mark.parametrize("M,N,K,group", [(*s, g) for s in SHAPES for g in (None, 32, 64, 128)
                                          if g is None or s[2] % g == 0])
 @pytest.mark.parametrize("scale_dtype", ["fp32", "bf16"])
-def test_int8_linear_equals_dequantize_then_matmul(device, M, N, K, group, scale_dtype):    g = torch.Generator().manual_seed(M * 1000 + N + K)
+def test_int8_linear_equals_dequantize_then_matmul(device, M, N, K, group, scale_dtype):
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
     x, w, r = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(M, N, generator=g)
     q, s = quantize_weight(w, group, scale_dtype)
     x, q, s, r = x.to(device), q.to(device), s.to(device), r.to(device)

@@ -1,6 +1,5 @@
 """int8 artifacts: what export writes (scheme, size), and that the C++ runtime runs them as the
 Python reference does (same ops, same greedy tokens), close to the float model."""
-import json
 import zipfile
 
 import pytest
