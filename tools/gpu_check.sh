@@ -7,11 +7,17 @@ export PYTHONUNBUFFERED=1 CMAKE_CUDA_ARCHITECTURES=90 CMAKE_BUILD_PARALLEL_LEVEL
 what=${*:-all}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -m pip install --no-build-isolation --no-deps -q . 2>&1 | tail -20 || exit 1
+# A libstdc++ linked statically into libbabyrt crashes on its first ostream use (seen once).
+lib=$(python3 -c "import babyrt, os; print(os.path.dirname(babyrt.__file__))")/libbabyrt.so
+echo "libstdc++ symbols defined in libbabyrt: $(nm -D --defined-only "$lib" | grep -c codecvt)"
+grep -o -- "-static[^ ]*\|[^ ]*stdc++[^ ]*" build/*/CMakeFiles/babyrt.dir/link.txt | sort -u | head
 cd /tmp  # import the installed package, not the source tree
 repo=$OLDPWD
 if [[ $what == *tests* || $what == all ]]; then
   python3 -m pytest -q -x -p no:cacheprovider "$repo/tests/test_cuda.py" "$repo/tests/test_parity.py" \
-    "$repo/tests/test_ops.py" "$repo/tests/test_quantize.py" "$repo/tests/test_hardening.py" 2>&1 | tail -15
+    "$repo/tests/test_ops.py" "$repo/tests/test_quantize.py" "$repo/tests/test_hardening.py" \
+    > "$OUT/pytest.log" 2>&1
+  echo "pytest exit $?"; grep -E "passed|failed|Fatal|Segmentation|File \"$repo" "$OUT/pytest.log" | tail -15
 fi
 if [[ $what == *int8* || $what == all ]]; then
   python3 "$repo/benchmarks/int8_gemv_cuda.py" --json "$OUT/int8_gemv_cuda.json"

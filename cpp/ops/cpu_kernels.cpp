@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string_view>
 
 namespace babyrt::cpu {
 namespace {
@@ -16,8 +18,13 @@ constexpr int64_t kPrefetchBytes = 1024;
 
 enum class Isa { kScalar, kAvx2, kAvx512 };
 
+// BABYRT_CPU_ISA=avx2|scalar caps the choice, so that every variant can be tested on one CPU.
 Isa detect() {
   __builtin_cpu_init();
+  const char* cap = std::getenv("BABYRT_CPU_ISA");
+  if (cap && std::string_view(cap) == "scalar") return Isa::kScalar;
+  if (cap && std::string_view(cap) == "avx2")
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::kAvx2 : Isa::kScalar;
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
     return Isa::kAvx512;

@@ -6,7 +6,8 @@
 
 namespace babyrt::cpu {
 
-// "avx512", "avx2" or "scalar": the instruction set the kernels below run with.
+// "avx512", "avx2" or "scalar": the instruction set the kernels below run with (the best the
+// CPU has, or lower if the environment variable BABYRT_CPU_ISA caps it).
 const char* isa();
 
 // y[n] = dot(W[n, :], x) (+ residual[n]) for rows n in [n0, n1). W is row-major [N, K].

@@ -18,7 +18,7 @@ namespace {
 
 constexpr int kMaxGemvRows = 8;
 constexpr int kWarpsPerBlock = 8;
-constexpr int kUnroll = 4;  // 16-byte loads in flight per lane
+constexpr int kUnroll = 8;  // 16-byte loads in flight per lane
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }

@@ -79,7 +79,8 @@ def _cmd_convert(a) -> None:
         convert.sentencepiece_to_tokenizer_bin(a.source, a.out)
         out = a.out
     else:
-        out = convert.artifact_to_llama2c(a.source, a.out, version=a.version)
+        out = convert.artifact_to_llama2c(a.source, a.out, version=a.version,
+                                          group_size=a.group_size)
     print(f"wrote {out}")
 
 
@@ -146,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--to", choices=["llama2c", "hf"])
     c.add_argument("--tokenizer", help="the model's tokenizer.bin (--from hf: default from tokenizer.model)")
     c.add_argument("--out", required=True)
-    c.add_argument("--version", type=int, choices=[0, 1], default=1, help="--to llama2c: v0 or v1")
+    c.add_argument("--version", type=int, choices=[0, 1, 2], default=1,
+                   help="--to llama2c: v0, v1 (fp32) or v2 (Q8_0 int8)")
+    c.add_argument("--group-size", type=int, default=64, help="--to llama2c --version 2: Q8_0 group")
     c.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     c.set_defaults(func=_cmd_convert)
 

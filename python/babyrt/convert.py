@@ -9,6 +9,11 @@ llama2.c layouts (fp32, little-endian), as karpathy's export.py writes them:
   v1: a 256-byte header: uint32 magic "ak42", int32 version 1, the 7 ints above
       (vocab_size positive), uint8 shared_classifier, zero padding; then attention norms, ffn
       norms, final norm, token_embedding, wq, wk, wv, wo, w1, w2, w3, and wcls if not shared.
+  v2 (Q8_0): the v1 header with version 2 and an int32 group_size after shared_classifier;
+      fp32 attention norms, ffn norms and final norm; then for token_embedding, wq, wk, wv, wo,
+      w1, w2, w3 (and wcls if not shared) in turn: all int8 values, then all fp32 scales, one
+      per group of group_size consecutive values. This is babyrt's group-wise int8 when the
+      group divides each matrix's row, and v2 files are read into int8 artifacts exactly.
 Weights are nn.Linear (out, in) matrices, rows contiguous. Sizes in the header are checked
 against the file size before anything is allocated.
 """
@@ -24,6 +29,7 @@ import torch
 
 from .artifact import read_metadata
 from .export import export_model
+from .quantize import QuantConfig, quantize_weight
 from .training.models import Llama, LlamaConfig
 
 PathLike = Union[str, os.PathLike]
@@ -70,7 +76,8 @@ def _shapes(cfg: LlamaConfig) -> dict:
 
 
 def read_llama2c(path: PathLike):
-    """(LlamaConfig, state_dict, version) from a llama2.c checkpoint, validated against its size."""
+    """(LlamaConfig, state_dict, {name: (int8, scales)} for v2 else {}, version) from a llama2.c
+    checkpoint, validated against its size. v2 weights in state_dict are dequantized."""
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: no such checkpoint")
@@ -83,14 +90,15 @@ def read_llama2c(path: PathLike):
         if len(head) < V1_HEADER:
             raise ConversionError(f"{path}: truncated v1 header ({size} of {V1_HEADER} bytes)")
         version = struct.unpack_from("<i", head, 4)[0]
-        if version != 1:
+        if version not in (1, 2):
             raise ConversionError(f"{path}: llama2.c format version {version} is not supported "
-                                  "(babyrt reads v0 and v1)")
+                                  "(babyrt reads v0, v1 and v2)")
         dims = struct.unpack_from("<7i", head, 8)
         shared = bool(head[36])
+        group = struct.unpack_from("<i", head, 37)[0] if version == 2 else 0
         offset = V1_HEADER
     else:
-        version, dims, offset = 0, struct.unpack_from("<7i", head), 28
+        version, dims, offset, group = 0, struct.unpack_from("<7i", head), 28, 0
         shared = dims[5] > 0
     dim, hidden, n_layers, n_heads, n_kv, vocab, seq = dims
     vocab = abs(vocab)
@@ -102,7 +110,10 @@ def read_llama2c(path: PathLike):
     cfg = LlamaConfig(vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads,
                       n_kv_heads=n_kv, hidden_dim=hidden, context_length=seq,
                       tie_embeddings=shared)
-    shapes, order = _shapes(cfg), _order(cfg, version, shared)
+    shapes = _shapes(cfg)
+    if version == 2:
+        return cfg, *_read_q80(path, cfg, shapes, shared, group, size), version
+    order = _order(cfg, version, shared)
     expected = offset + 4 * sum(int(np.prod(shapes[n])) for n in order)
     if size != expected:
         raise ConversionError(f"{path}: the header describes a {expected}-byte v{version} "
@@ -116,18 +127,78 @@ def read_llama2c(path: PathLike):
     state.pop("freq_cis_real", None), state.pop("freq_cis_imag", None)
     if shared:
         state["output.weight"] = state["tok_embeddings.weight"]
-    return cfg, state, version
+    return cfg, state, {}, version
+
+
+def _q80_order(cfg: LlamaConfig, shared: bool) -> tuple:
+    L = cfg.n_layers
+    norms = [*_layer_names(L, "attention_norm.weight"), *_layer_names(L, "ffn_norm.weight"),
+             "norm.weight"]
+    mats = ["tok_embeddings.weight"]
+    mats += [n for w in ("wq", "wk", "wv", "wo") for n in _layer_names(L, f"attention.{w}.weight")]
+    mats += [n for w in ("w1", "w2", "w3") for n in _layer_names(L, f"feed_forward.{w}.weight")]
+    return norms, mats + ([] if shared else ["output.weight"])
+
+
+def _read_q80(path: Path, cfg: LlamaConfig, shapes: dict, shared: bool, group: int, size: int):
+    """(dequantized state, {name: (int8 [N, K], scales [N, K / group])}) of a v2 file."""
+    norms, mats = _q80_order(cfg, shared)
+    if group <= 0 or any(shapes[n][1] % group for n in mats):
+        raise ConversionError(f"{path}: group size {group} does not divide the rows of every "
+                              "matrix, so it has no babyrt int8 equivalent")
+    numel = [int(np.prod(shapes[n])) for n in mats]
+    expected = V1_HEADER + 4 * sum(shapes[n][0] for n in norms) + sum(n + 4 * (n // group) for n in numel)
+    if size != expected:
+        raise ConversionError(f"{path}: the header describes a {expected}-byte v2 checkpoint, "
+                              f"but the file has {size} bytes")
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=V1_HEADER)
+    state, quantized, pos = {}, {}, 0
+    for name in norms:
+        n = shapes[name][0]
+        state[name] = torch.from_numpy(np.frombuffer(raw[pos:pos + 4 * n].tobytes(), "<f4").copy())
+        pos += 4 * n
+    for name, n in zip(mats, numel):
+        N, K = shapes[name]
+        q = torch.from_numpy(np.frombuffer(raw[pos:pos + n].tobytes(), np.int8).copy()).view(N, K)
+        pos += n
+        s = torch.from_numpy(np.frombuffer(raw[pos:pos + 4 * (n // group)].tobytes(), "<f4").copy())
+        pos += 4 * (n // group)
+        quantized[name] = (q, s.view(N, K // group))
+        state[name] = torch.ops.babyrt.dequantize(q, quantized[name][1])
+    if shared:
+        state["output.weight"] = state["tok_embeddings.weight"]
+        quantized["output.weight"] = quantized["tok_embeddings.weight"]
+    return state, quantized
 
 
 def llama2c_to_artifact(checkpoint: PathLike, tokenizer_bin: PathLike, out_dir: PathLike,
                         dtype: str = "fp32") -> Path:
     """A llama2.c checkpoint (v0 or v1) and its tokenizer.bin -> a babyrt artifact."""
-    cfg, state, _ = read_llama2c(checkpoint)
+    cfg, state, quantized, version = read_llama2c(checkpoint)
     model = Llama(cfg)
     model.load_state_dict(state)
     info = {"kind": "sentencepiece", "bos_id": 1, "eos_id": 2, "add_bos": True}
-    return export_model(model, info, tokenizer_bin, out_dir, dtype=dtype,
-                        model_config={"model": "llama2", **cfg.to_dict()})
+    quant = None
+    if version == 2:  # an int8 artifact holding the file's own int8 values and scales
+        q, s = quantized["tok_embeddings.weight"]
+        quant = QuantConfig(group_size=q.shape[1] // s.shape[1], embedding=True)
+    return export_model(model, info, tokenizer_bin, out_dir, dtype=dtype, quant=quant,
+                        model_config={"model": "llama2", **cfg.to_dict()},
+                        exact_int8=_fused_names(quantized, cfg.n_layers) if quantized else None)
+
+
+def _fused_names(quantized: dict, n_layers: int) -> dict:
+    """{FusedLlama weight name: (int8, scales)} from training-layout names; fused matrices
+    (wqkv, w13) are the row-wise concatenation of their parts."""
+    out = {"output": quantized["output.weight"], "tok_embeddings": quantized["tok_embeddings.weight"]}
+    for i in range(n_layers):
+        p = f"layers.{i}."
+        parts = {"wqkv": [f"attention.{w}" for w in ("wq", "wk", "wv")], "wo": ["attention.wo"],
+                 "w13": ["feed_forward.w1", "feed_forward.w3"], "w2": ["feed_forward.w2"]}
+        for fused, names in parts.items():
+            qs = [quantized[p + n + ".weight"] for n in names]
+            out[p + fused] = (torch.cat([q for q, _ in qs]), torch.cat([s for _, s in qs]))
+    return out
 
 
 def _artifact_state(artifact_dir: PathLike) -> tuple:
@@ -138,13 +209,15 @@ def _artifact_state(artifact_dir: PathLike) -> tuple:
     return training_state_dict(module)
 
 
-def artifact_to_llama2c(artifact_dir: PathLike, out_file: PathLike, version: int = 1) -> Path:
-    """A babyrt LLaMA artifact -> a llama2.c checkpoint (v0 or v1), fp32."""
+def artifact_to_llama2c(artifact_dir: PathLike, out_file: PathLike, version: int = 1,
+                        group_size: int = 64) -> Path:
+    """A babyrt LLaMA artifact -> a llama2.c checkpoint: v0 or v1 (fp32), or v2 (Q8_0 with
+    group_size, halved as llama2.c's export does until it divides every matrix's rows)."""
     md = read_metadata(artifact_dir)
     if md["architecture"] != "llama":
         raise ConversionError(f"{artifact_dir}: llama2.c holds LLaMA models, not {md['architecture']}")
-    if version not in (0, 1):
-        raise ConversionError(f"llama2.c version must be 0 or 1, got {version}")
+    if version not in (0, 1, 2):
+        raise ConversionError(f"llama2.c version must be 0, 1 or 2, got {version}")
     state, shared = _artifact_state(artifact_dir)
     dim, hidden = state["norm.weight"].shape[0], state["layers.0.feed_forward.w1.weight"].shape[0]
     cfg = LlamaConfig(vocab_size=md["vocab_size"], dim=dim, n_layers=md["n_layers"],
@@ -160,15 +233,28 @@ def artifact_to_llama2c(artifact_dir: PathLike, out_file: PathLike, version: int
     if version == 0:
         dims[5] = cfg.vocab_size if shared else -cfg.vocab_size
         header = struct.pack("<7i", *dims)
-    else:
+    elif version == 1:
         header = struct.pack("<Ii7iB", MAGIC, 1, *dims, int(shared))
-        header += b"\0" * (V1_HEADER - len(header))
+    else:
+        while group_size > 1 and (cfg.dim % group_size or cfg.hidden_dim % group_size):
+            group_size //= 2
+        header = struct.pack("<Ii7iBi", MAGIC, 2, *dims, int(shared), group_size)
+    header += b"\0" * ((V1_HEADER - len(header)) if version else 0)
     out_file = Path(out_file)
     tmp = out_file.with_name(out_file.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(header)
-        for name in _order(cfg, version, shared):
-            f.write(state[name].contiguous().numpy().astype("<f4").tobytes())
+        if version == 2:
+            norms, mats = _q80_order(cfg, shared)
+            for name in norms:
+                f.write(state[name].numpy().astype("<f4").tobytes())
+            for name in mats:
+                q, s = quantize_weight(state[name], group_size)
+                f.write(q.numpy().tobytes())
+                f.write(s.numpy().astype("<f4").tobytes())
+        else:
+            for name in _order(cfg, version, shared):
+                f.write(state[name].contiguous().numpy().astype("<f4").tobytes())
     tmp.replace(out_file)
     return out_file
 

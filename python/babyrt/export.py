@@ -40,10 +40,18 @@ def inference_model(model: torch.nn.Module, dtype: str = "fp32",
 
 def export_model(model: torch.nn.Module, tokenizer_info: dict, tokenizer_bin, out_dir,
                  dtype: str = "fp32", model_config: dict | None = None,
-                 quant: Optional[QuantConfig] = None) -> Path:
+                 quant: Optional[QuantConfig] = None, exact_int8: Optional[dict] = None) -> Path:
     """Script `model` (through inference_model) and write it as an artifact. tokenizer_info
-    carries kind, bos_id, eos_id and add_bos."""
+    carries kind, bos_id, eos_id and add_bos. exact_int8 ({weight module name: (int8, scales)})
+    replaces quantized weights by given ones, e.g. those of an imported int8 checkpoint."""
     model = inference_model(model, dtype, quant)
+    for name, (q, s) in (exact_int8 or {}).items():
+        w = model.get_submodule(name)
+        if w.weight.shape != q.shape or w.scales is None or w.scales.shape != s.shape:
+            raise ValueError(f"{name}: int8 weight {tuple(q.shape)} / scales {tuple(s.shape)} "
+                             "do not fit the model")
+        w.weight.copy_(q)
+        w.scales.copy_(s.to(w.scales.dtype))
     with torch.no_grad():
         scripted = torch.jit.script(model)
     metadata = {

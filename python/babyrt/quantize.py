@@ -26,9 +26,12 @@ class QuantConfig:
     embedding: bool = False   # the token table (a tied table follows the classifier)
 
     def __post_init__(self):
-        if self.group_size is not None and self.group_size not in GROUP_SIZES:
-            raise ValueError(f"group_size must be one of {GROUP_SIZES} or None (per channel), "
-                             f"got {self.group_size}")
+        # babyrt export offers GROUP_SIZES; imported int8 (llama2.c v2) may bring another.
+        if self.group_size is not None and (isinstance(self.group_size, bool) or
+                                            not isinstance(self.group_size, int) or
+                                            self.group_size < 1):
+            raise ValueError(f"group_size must be a positive int or None (per channel), "
+                             f"got {self.group_size!r}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {self.scale_dtype!r}")
 

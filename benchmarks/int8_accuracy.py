@@ -1,0 +1,71 @@
+"""Validation loss of a babyrt checkpoint in fp32 and with int8 weights (per output channel and
+group-wise), through the same modules and ops the artifact runs.
+
+    python benchmarks/int8_accuracy.py CHECKPOINT_DIR [--max-windows N] [--json OUT]
+
+The loss is the mean next-token cross-entropy over consecutive, non-overlapping windows of one
+context each covering the checkpoint's validation split (the same split training used).
+"""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from babyrt.export import inference_model
+from babyrt.quantize import QuantConfig
+from babyrt.training.trainer import load_checkpoint
+
+SCHEMES = {"fp32": None, "int8 per-channel": QuantConfig(),
+           "int8 group 32": QuantConfig(group_size=32), "int8 group 64": QuantConfig(group_size=64),
+           "int8 group 128": QuantConfig(group_size=128),
+           "int8 per-channel, bf16 scales": QuantConfig(scale_dtype="bf16")}
+
+
+def val_windows(ckpt: Path, config: dict, max_windows: int) -> torch.Tensor:
+    vocab = config["model_config"]["vocab_size"]
+    ids = np.memmap(ckpt / "tokens.bin", dtype=np.uint16 if vocab <= 1 << 16 else np.uint32, mode="r")
+    val = ids[int(len(ids) * (1 - config["train_config"]["val_fraction"])):]
+    T = config["model_config"].get("context_length") or 64
+    n = min(max_windows, (len(val) - 1) // T)
+    return torch.from_numpy(np.asarray(val[:n * T + 1], dtype=np.int64)), T, n
+
+
+@torch.no_grad()
+def val_loss(model, data: torch.Tensor, T: int, n: int, batch: int = 16) -> float:
+    total = 0.0
+    for b0 in range(0, n, batch):
+        rows = range(b0, min(n, b0 + batch))
+        x = torch.stack([data[r * T:(r + 1) * T] for r in rows])
+        y = torch.stack([data[r * T + 1:(r + 1) * T + 1] for r in rows])
+        logits = model(x)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+    return total / (n * T)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoint")
+    ap.add_argument("--max-windows", type=int, default=2000)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    model, config = load_checkpoint(a.checkpoint)
+    data, T, n = val_windows(Path(a.checkpoint), config, a.max_windows)
+    rows = []
+    for name, quant in SCHEMES.items():
+        try:
+            m = inference_model(model, quant=quant)
+        except ValueError as e:  # a group size that does not divide some layer
+            print(f"{name}: skipped ({e})")
+            continue
+        loss = val_loss(m, data, T, n)
+        rows.append({"scheme": name, "val_loss": loss, "delta": loss - rows[0]["val_loss"] if rows else 0.0})
+        print(f"{name}: val loss {loss:.4f} ({rows[-1]['delta']:+.4f} nats), {n * T:,} tokens")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"checkpoint": a.checkpoint, "tokens": n * T, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
