@@ -40,6 +40,13 @@ c10::Device parse_device(const std::string& name) {
   return device;
 }
 
+// Without c10::str: its ostream is not safe in this library on every build (ops.cpp says why).
+std::string shape_str(c10::IntArrayRef v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + "]";
+}
+
 std::string dtype_name(c10::ScalarType t) {
   switch (t) {
     case c10::kFloat: return "fp32";
@@ -106,7 +113,7 @@ class TorchScriptBackend final : public Backend {
     }
     if (logits.dim() != 3 || logits.size(0) != tokens.size(0) ||
         logits.size(1) != tokens.size(1) || logits.size(2) != meta_.vocab_size)
-      throw ArtifactError("model returned logits of shape " + c10::str(logits.sizes()) +
+      throw ArtifactError("model returned logits of shape " + shape_str(logits.sizes()) +
                           ", expected [" + std::to_string(tokens.size(0)) + ", " +
                           std::to_string(tokens.size(1)) + ", " +
                           std::to_string(meta_.vocab_size) + "]");

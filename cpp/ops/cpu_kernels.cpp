@@ -6,28 +6,32 @@
 #include <cmath>
 #include <cstdlib>
 #include <string_view>
+#include <vector>
 
 namespace babyrt::cpu {
 namespace {
 
 #define BABYRT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 #define BABYRT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define BABYRT_VNNI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
 
 // How far ahead (bytes) a streamed row is prefetched.
 constexpr int64_t kPrefetchBytes = 1024;
 
-enum class Isa { kScalar, kAvx2, kAvx512 };
+enum class Isa { kScalar, kAvx2, kAvx512, kAvx512Vnni };
 
 // BABYRT_CPU_ISA=avx2|scalar caps the choice, so that every variant can be tested on one CPU.
 Isa detect() {
   __builtin_cpu_init();
   const char* cap = std::getenv("BABYRT_CPU_ISA");
   if (cap && std::string_view(cap) == "scalar") return Isa::kScalar;
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (cap && std::string_view(cap) == "avx512") return avx512 ? Isa::kAvx512 : Isa::kScalar;
   if (cap && std::string_view(cap) == "avx2")
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::kAvx2 : Isa::kScalar;
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return Isa::kAvx512;
+  if (avx512) return __builtin_cpu_supports("avx512vnni") ? Isa::kAvx512Vnni : Isa::kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
   return Isa::kScalar;
 }
@@ -128,11 +132,20 @@ BABYRT_AVX512 void gemv_q8_avx512(const int8_t* W, const float* scales, int64_t 
       const int64_t end = (g + 1) * group;
       for (int64_t k = g * group; k < end; k += 16) {
         const __mmask16 m = tail_mask(end - k);
-        if (stream && (k & 63) == 0) {
-          _mm_prefetch(reinterpret_cast<const char*>(w0 + k + kPrefetchBytes), _MM_HINT_NTA);
-          _mm_prefetch(reinterpret_cast<const char*>(w1 + k + kPrefetchBytes), _MM_HINT_NTA);
-          _mm_prefetch(reinterpret_cast<const char*>(w2 + k + kPrefetchBytes), _MM_HINT_NTA);
-          _mm_prefetch(reinterpret_cast<const char*>(w3 + k + kPrefetchBytes), _MM_HINT_NTA);
+        if ((k & 63) == 0) {
+          if (stream) {
+            _mm_prefetch(reinterpret_cast<const char*>(w0 + k + kPrefetchBytes), _MM_HINT_NTA);
+            _mm_prefetch(reinterpret_cast<const char*>(w1 + k + kPrefetchBytes), _MM_HINT_NTA);
+            _mm_prefetch(reinterpret_cast<const char*>(w2 + k + kPrefetchBytes), _MM_HINT_NTA);
+            _mm_prefetch(reinterpret_cast<const char*>(w3 + k + kPrefetchBytes), _MM_HINT_NTA);
+          } else {
+            // The same line of the next four rows: short rows are too brief for the hardware
+            // prefetcher to ramp up on, and decode is then bound by memory latency.
+            _mm_prefetch(reinterpret_cast<const char*>(w0 + 4 * K + k), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(w1 + 4 * K + k), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(w2 + 4 * K + k), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(w3 + 4 * K + k), _MM_HINT_T0);
+          }
         }
         const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
         p0 = _mm512_fmadd_ps(load_q8(w0 + k, m), xv, p0);
@@ -163,6 +176,65 @@ BABYRT_AVX512 void gemv_q8_avx512(const int8_t* W, const float* scales, int64_t 
       a = _mm512_fmadd_ps(p, _mm512_set1_ps(scales[n * G + g]), a);
     }
     y[n] = _mm512_reduce_add_ps(a) + (residual ? residual[n] : 0.f);
+  }
+}
+
+// int8 weights times activations quantized to int16 (one scale for the row of x, so the error
+// is at most 2^-16 of max|x| per element): VPDPWSSD does 32 multiply-adds per instruction,
+// where widening int8 to fp32 costs three instructions per 16. int32 partial sums are moved
+// into fp32 every 256 columns, so they cannot overflow for any K.
+BABYRT_VNNI inline __m512i wload(const int8_t* p) {
+  return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+BABYRT_VNNI void gemv_q8_vnni(const int8_t* W, const float* scales, int64_t group, const float* x,
+                              const float* residual, float* y, int64_t K, int64_t n0, int64_t n1,
+                              bool stream) {
+  thread_local std::vector<int16_t> xq_buf;
+  xq_buf.resize(K);
+  int16_t* xq = xq_buf.data();
+  __m512 mx = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  const float amax = _mm512_reduce_max_ps(mx);
+  const float x_scale = amax > 0 ? amax / 32767.0f : 1.0f;
+  const __m512 inv = _mm512_set1_ps(1.0f / x_scale);
+  for (int64_t k = 0; k < K; k += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + k),
+                        _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv))));
+  const int64_t G = K / group;
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int rows = static_cast<int>(std::min<int64_t>(4, n1 - n));
+    const int8_t* w[4];
+    for (int r = 0; r < 4; ++r) w[r] = W + (n + std::min(r, rows - 1)) * K;  // pad with the last row
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 part[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      const int64_t end = (g + 1) * group;
+      for (int64_t c0 = g * group; c0 < end; c0 += 256) {
+        const int64_t c1 = std::min(end, c0 + 256);
+        __m512i i0 = _mm512_setzero_si512(), i1 = i0, i2 = i0, i3 = i0;
+        for (int64_t k = c0; k < c1; k += 32) {
+          if ((k & 63) == 0) {
+            for (int r = 0; r < 4; ++r)
+              _mm_prefetch(reinterpret_cast<const char*>(stream ? w[r] + k + kPrefetchBytes : w[r] + 4 * K + k),
+                           stream ? _MM_HINT_NTA : _MM_HINT_T0);
+          }
+          const __m512i xv = _mm512_loadu_si512(xq + k);
+          i0 = _mm512_dpwssd_epi32(i0, wload(w[0] + k), xv);
+          i1 = _mm512_dpwssd_epi32(i1, wload(w[1] + k), xv);
+          i2 = _mm512_dpwssd_epi32(i2, wload(w[2] + k), xv);
+          i3 = _mm512_dpwssd_epi32(i3, wload(w[3] + k), xv);
+        }
+        part[0] = _mm512_add_ps(part[0], _mm512_cvtepi32_ps(i0));
+        part[1] = _mm512_add_ps(part[1], _mm512_cvtepi32_ps(i1));
+        part[2] = _mm512_add_ps(part[2], _mm512_cvtepi32_ps(i2));
+        part[3] = _mm512_add_ps(part[3], _mm512_cvtepi32_ps(i3));
+      }
+      for (int r = 0; r < 4; ++r)
+        acc[r] = _mm512_fmadd_ps(part[r], _mm512_set1_ps(scales[(n + std::min(r, rows - 1)) * G + g]), acc[r]);
+    }
+    for (int r = 0; r < rows; ++r)
+      y[n + r] = _mm512_reduce_add_ps(acc[r]) * x_scale + (residual ? residual[n + r] : 0.f);
   }
 }
 
@@ -239,6 +311,7 @@ BABYRT_AVX2 void gemv_q8_avx2(const int8_t* W, const float* scales, int64_t grou
 
 const char* isa() {
   switch (kIsa) {
+    case Isa::kAvx512Vnni: return "avx512-vnni";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "scalar";
@@ -248,6 +321,7 @@ const char* isa() {
 void gemv_f32(const float* W, const float* x, const float* residual, float* y, int64_t K,
               int64_t n0, int64_t n1, bool stream) {
   switch (kIsa) {
+    case Isa::kAvx512Vnni:
     case Isa::kAvx512: return gemv_f32_avx512(W, x, residual, y, K, n0, n1, stream);
     case Isa::kAvx2: return gemv_f32_avx2(W, x, residual, y, K, n0, n1, stream);
     default: return gemv_f32_scalar(W, x, residual, y, K, n0, n1);
@@ -257,6 +331,10 @@ void gemv_f32(const float* W, const float* x, const float* residual, float* y, i
 void gemv_q8(const int8_t* W, const float* scales, int64_t group, const float* x,
              const float* residual, float* y, int64_t K, int64_t n0, int64_t n1, bool stream) {
   switch (kIsa) {
+    case Isa::kAvx512Vnni:
+      if (K % 32 == 0 && group % 32 == 0)
+        return gemv_q8_vnni(W, scales, group, x, residual, y, K, n0, n1, stream);
+      [[fallthrough]];
     case Isa::kAvx512: return gemv_q8_avx512(W, scales, group, x, residual, y, K, n0, n1, stream);
     case Isa::kAvx2: return gemv_q8_avx2(W, scales, group, x, residual, y, K, n0, n1, stream);
     default: return gemv_q8_scalar(W, scales, group, x, residual, y, K, n0, n1);

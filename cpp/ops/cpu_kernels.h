@@ -6,8 +6,8 @@
 
 namespace babyrt::cpu {
 
-// "avx512", "avx2" or "scalar": the instruction set the kernels below run with (the best the
-// CPU has, or lower if the environment variable BABYRT_CPU_ISA caps it).
+// "avx512-vnni", "avx512", "avx2" or "scalar": the instruction set the kernels below run with
+// (the best the CPU has, or lower if the environment variable BABYRT_CPU_ISA caps it).
 const char* isa();
 
 // y[n] = dot(W[n, :], x) (+ residual[n]) for rows n in [n0, n1). W is row-major [N, K].
@@ -17,7 +17,8 @@ void gemv_f32(const float* W, const float* x, const float* residual, float* y, i
               int64_t n0, int64_t n1, bool stream);
 
 // Same with int8 weights and one float scale per group of `group` columns:
-// scales is [N, K / group]; group divides K.
+// scales is [N, K / group]; group divides K. With AVX512-VNNI (K and group multiples of 32)
+// x is quantized to int16 first, which changes results by at most ~1e-5 relative.
 void gemv_q8(const int8_t* W, const float* scales, int64_t group, const float* x,
              const float* residual, float* y, int64_t K, int64_t n0, int64_t n1, bool stream);
 

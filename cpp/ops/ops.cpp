@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "ops/cpu_kernels.h"
@@ -15,6 +16,29 @@ namespace babyrt::ops {
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
+
+// Error messages are built with std::string alone, never through c10::str's ostream: a CUDA
+// build on the GPU machine ended up with a private, uninitialised copy of libstdc++'s iostreams
+// in libbabyrt, and formatting a message through it crashed instead of raising.
+void append(std::string& s, const char* v) { s += v; }
+void append(std::string& s, const std::string& v) { s += v; }
+void append(std::string& s, c10::ScalarType v) { s += c10::toString(v); }
+void append(std::string& s, at::IntArrayRef v) {
+  s += "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  s += "]";
+}
+template <typename T, std::enable_if_t<std::is_arithmetic_v<T>, int> = 0>
+void append(std::string& s, T v) {
+  s += std::to_string(v);
+}
+template <typename... Args>
+std::string cat(const Args&... args) {
+  std::string s;
+  (append(s, args), ...);
+  return s;
+}
+#define BABYRT_CHECK(cond, ...) TORCH_CHECK(cond, cat(__VA_ARGS__))
 
 // Up to this many rows of x, a linear runs as GEMVs that read each weight once per row (from
 // cache after the first: each thread's block of rows stays in L2); beyond it, as one GEMM (MKL)
@@ -35,8 +59,8 @@ at::Tensor call_linear(const at::Tensor& x, const at::Tensor& w, const OptTensor
 
 // ------------------------------------------------------------------ references (any device)
 at::Tensor dequantize(const at::Tensor& w, const at::Tensor& scales) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar, "dequantize: weight must be 2-D int8");
-  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == w.size(0) && scales.size(1) > 0 &&
+  BABYRT_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar, "dequantize: weight must be 2-D int8");
+  BABYRT_CHECK(scales.dim() == 2 && scales.size(0) == w.size(0) && scales.size(1) > 0 &&
                   w.size(1) % scales.size(1) == 0,
               "dequantize: scales of shape ", scales.sizes(), " do not fit weight ", w.sizes());
   const int64_t N = w.size(0), K = w.size(1), G = scales.size(1);
@@ -60,7 +84,7 @@ at::Tensor rmsnorm_linear_reference(const at::Tensor& x, const at::Tensor& norm_
 
 at::Tensor swiglu_linear_reference(const at::Tensor& gate_up, const at::Tensor& w,
                                    const OptTensor& scales, const OptTensor& residual) {
-  TORCH_CHECK(gate_up.size(-1) % 2 == 0, "swiglu_linear: gate_up has an odd last dimension");
+  BABYRT_CHECK(gate_up.size(-1) % 2 == 0, "swiglu_linear: gate_up has an odd last dimension");
   return call_linear(swiglu(gate_up), w, scales, residual);
 }
 
@@ -75,23 +99,23 @@ at::Tensor rope_reference(const at::Tensor& x, const at::Tensor& cos, const at::
 void check_attention(const at::Tensor& qkv, const at::Tensor& positions, const OptTensor& cos,
                      const OptTensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      int64_t H, int64_t KV) {
-  TORCH_CHECK(H > 0 && KV > 0 && H % KV == 0, "attention: n_heads ", H,
+  BABYRT_CHECK(H > 0 && KV > 0 && H % KV == 0, "attention: n_heads ", H,
               " is not a positive multiple of n_kv_heads ", KV);
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(1) == KV,
+  BABYRT_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(1) == KV,
               "attention: caches must be [B, n_kv_heads, slots, head_dim], got ", k_cache.sizes(),
               " and ", v_cache.sizes());
   const int64_t B = k_cache.size(0), D = k_cache.size(3);
-  TORCH_CHECK(qkv.dim() == 3 && qkv.size(0) == B && qkv.size(2) == (H + 2 * KV) * D,
+  BABYRT_CHECK(qkv.dim() == 3 && qkv.size(0) == B && qkv.size(2) == (H + 2 * KV) * D,
               "attention: qkv of shape ", qkv.sizes(), " does not fit ", H, " + 2 x ", KV,
               " heads of ", D, " for batch ", B);
-  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == B && positions.size(1) == qkv.size(1) &&
+  BABYRT_CHECK(positions.dim() == 2 && positions.size(0) == B && positions.size(1) == qkv.size(1) &&
                   positions.scalar_type() == at::kLong,
               "attention: positions must be int64 [B, T]");
-  TORCH_CHECK(cos.has_value() == sin.has_value(), "attention: give both rope tables or neither");
+  BABYRT_CHECK(cos.has_value() == sin.has_value(), "attention: give both rope tables or neither");
   if (cos)
-    TORCH_CHECK(cos->dim() == 2 && cos->size(1) * 2 == D && sin->sizes() == cos->sizes(),
+    BABYRT_CHECK(cos->dim() == 2 && cos->size(1) * 2 == D && sin->sizes() == cos->sizes(),
                 "attention: rope tables must be [positions, head_dim / 2]");
-  TORCH_CHECK(k_cache.scalar_type() == qkv.scalar_type() && v_cache.scalar_type() == qkv.scalar_type(),
+  BABYRT_CHECK(k_cache.scalar_type() == qkv.scalar_type() && v_cache.scalar_type() == qkv.scalar_type(),
               "attention: caches must have the dtype of qkv");
 }
 
@@ -125,12 +149,12 @@ at::Tensor attention_reference(const at::Tensor& qkv, const at::Tensor& position
 
 at::Tensor embedding_reference(const at::Tensor& tokens, const at::Tensor& w,
                                const OptTensor& scales, at::ScalarType dtype) {
-  TORCH_CHECK(w.dim() == 2, "embedding: weight must be 2-D");
+  BABYRT_CHECK(w.dim() == 2, "embedding: weight must be 2-D");
   const at::Tensor flat = tokens.flatten();
   // On the CPU a bad id is an error here; on CUDA index_select asserts on the device, and the
   // runtime checks ids before they get that far.
   if (flat.is_cpu())
-    TORCH_CHECK(flat.numel() == 0 || (flat.min().item<int64_t>() >= 0 &&
+    BABYRT_CHECK(flat.numel() == 0 || (flat.min().item<int64_t>() >= 0 &&
                                       flat.max().item<int64_t>() < w.size(0)),
                 "embedding: token id out of range [0, ", w.size(0), ")");
   at::Tensor rows = w.index_select(0, flat);
@@ -182,17 +206,47 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const OptTensor&
   return out;
 }
 
+// The norm and SwiGLU prologues run as plain loops in fp32: as ATen ops they cost ~8 op
+// dispatches per call, more than the GEMV they feed at decode.
 at::Tensor rmsnorm_linear_cpu(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
                               const at::Tensor& w, const OptTensor& scales) {
-  TORCH_CHECK(norm_weight.dim() == 1 && norm_weight.size(0) == x.size(-1),
+  BABYRT_CHECK(norm_weight.dim() == 1 && norm_weight.size(0) == x.size(-1),
               "rmsnorm_linear: norm weight of shape ", norm_weight.sizes(), " for x of ", x.sizes());
-  return linear_cpu(rmsnorm(x, norm_weight, eps), w, scales, std::nullopt);
+  if (!all_float({&x, &norm_weight}))
+    return linear_cpu(rmsnorm(x, norm_weight, eps), w, scales, std::nullopt);
+  const at::Tensor xc = x.contiguous(), nw = norm_weight.contiguous();
+  at::Tensor normed = at::empty_like(xc);
+  const int64_t K = xc.size(-1), M = K ? xc.numel() / K : 0;
+  const float* xp = xc.const_data_ptr<float>();
+  const float* wp = nw.const_data_ptr<float>();
+  float* out = normed.mutable_data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = xp + m * K;
+    float ss = 0;
+    for (int64_t k = 0; k < K; ++k) ss += r[k] * r[k];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(K) + static_cast<float>(eps));
+    for (int64_t k = 0; k < K; ++k) out[m * K + k] = r[k] * inv * wp[k];
+  }
+  return linear_cpu(normed, w, scales, std::nullopt);
 }
 
 at::Tensor swiglu_linear_cpu(const at::Tensor& gate_up, const at::Tensor& w,
                              const OptTensor& scales, const OptTensor& residual) {
-  TORCH_CHECK(gate_up.size(-1) % 2 == 0, "swiglu_linear: gate_up has an odd last dimension");
-  return linear_cpu(swiglu(gate_up), w, scales, residual);
+  BABYRT_CHECK(gate_up.size(-1) % 2 == 0, "swiglu_linear: gate_up has an odd last dimension");
+  if (!all_float({&gate_up})) return linear_cpu(swiglu(gate_up), w, scales, residual);
+  const at::Tensor gc = gate_up.contiguous();
+  const int64_t H = gc.size(-1) / 2, M = H ? gc.numel() / (2 * H) : 0;
+  std::vector<int64_t> shape = gc.sizes().vec();
+  shape.back() = H;
+  at::Tensor act = at::empty(shape, gc.options());
+  const float* g = gc.const_data_ptr<float>();
+  float* a = act.mutable_data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t h = 0; h < H; ++h) {
+      const float gate = g[m * 2 * H + h];
+      a[m * H + h] = gate / (1.0f + std::exp(-gate)) * g[m * 2 * H + H + h];
+    }
+  return linear_cpu(act, w, scales, residual);
 }
 
 at::Tensor attention_cpu(const at::Tensor& qkv, const at::Tensor& positions, const OptTensor& cos,
@@ -209,7 +263,7 @@ at::Tensor attention_cpu(const at::Tensor& qkv, const at::Tensor& positions, con
   const float* q = qc.const_data_ptr<float>();
   const int64_t* pos = pc.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < B * T; ++i)
-    TORCH_CHECK(pos[i] >= 0 && pos[i] < S && (!cos || pos[i] < cc.size(0)), "attention: position ",
+    BABYRT_CHECK(pos[i] >= 0 && pos[i] < S && (!cos || pos[i] < cc.size(0)), "attention: position ",
                 pos[i], " is outside the cache's ", S, " slots");
   float* kp = k_cache.mutable_data_ptr<float>();
   float* vp = v_cache.mutable_data_ptr<float>();
@@ -251,23 +305,23 @@ at::Tensor attention_cpu(const at::Tensor& qkv, const at::Tensor& positions, con
 
 void check_linear(const at::Tensor& x, const at::Tensor& w, const OptTensor& scales,
                   const OptTensor& residual) {
-  TORCH_CHECK(w.dim() == 2, "linear: weight must be 2-D, got ", w.sizes());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.size(1), "linear: x of shape ", x.sizes(),
+  BABYRT_CHECK(w.dim() == 2, "linear: weight must be 2-D, got ", w.sizes());
+  BABYRT_CHECK(x.dim() >= 1 && x.size(-1) == w.size(1), "linear: x of shape ", x.sizes(),
               " does not fit weight ", w.sizes());
-  TORCH_CHECK(x.is_floating_point(), "linear: x must be floating point");
+  BABYRT_CHECK(x.is_floating_point(), "linear: x must be floating point");
   if (scales) {
-    TORCH_CHECK(w.scalar_type() == at::kChar, "linear: scales given for a non-int8 weight");
-    TORCH_CHECK(scales->dim() == 2 && scales->size(0) == w.size(0) && scales->size(1) > 0 &&
+    BABYRT_CHECK(w.scalar_type() == at::kChar, "linear: scales given for a non-int8 weight");
+    BABYRT_CHECK(scales->dim() == 2 && scales->size(0) == w.size(0) && scales->size(1) > 0 &&
                     w.size(1) % scales->size(1) == 0,
                 "linear: scales of shape ", scales->sizes(), " do not fit weight ", w.sizes());
   } else {
-    TORCH_CHECK(w.scalar_type() == x.scalar_type(), "linear: weight dtype ", w.scalar_type(),
+    BABYRT_CHECK(w.scalar_type() == x.scalar_type(), "linear: weight dtype ", w.scalar_type(),
                 " differs from x dtype ", x.scalar_type(), " (int8 weights need scales)");
   }
   if (residual) {
     std::vector<int64_t> shape = x.sizes().vec();
     shape.back() = w.size(0);
-    TORCH_CHECK(residual->sizes() == at::IntArrayRef(shape) &&
+    BABYRT_CHECK(residual->sizes() == at::IntArrayRef(shape) &&
                     residual->scalar_type() == x.scalar_type(),
                 "linear: residual of shape ", residual->sizes(), " for an output of ", shape);
   }
