@@ -88,6 +88,11 @@ BABYRT_AVX512 void gemv_f32_avx512(const float* W, const float* x, const float* 
         _mm_prefetch(reinterpret_cast<const char*>(w1 + k + ahead), _MM_HINT_NTA);
         _mm_prefetch(reinterpret_cast<const char*>(w2 + k + ahead), _MM_HINT_NTA);
         _mm_prefetch(reinterpret_cast<const char*>(w3 + k + ahead), _MM_HINT_NTA);
+      } else {  // the same line of the next four rows (see gemv_q8_avx512)
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + 4 * K + k), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w1 + 4 * K + k), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w2 + 4 * K + k), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w3 + 4 * K + k), _MM_HINT_T0);
       }
       const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
       a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w0 + k), xv, a0);
