@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import time
@@ -267,10 +268,11 @@ def train(data_file, out_dir, model_name: Optional[str] = None, preset: Optional
           tokenizer: str = "char", vocab_size: Optional[int] = None, base=None,
           model_overrides: Optional[dict] = None, train_overrides: Optional[dict] = None,
           lora_overrides: Optional[dict] = None, resume: bool = False,
-          stop_at: Optional[int] = None, progress: bool = True) -> dict:
+          stop_at: Optional[int] = None, progress: bool = True, task: Optional[str] = None) -> dict:
     """Train and leave a checkpoint directory at `out_dir`; returns a summary. With resume, the
     run in out_dir continues from its state.pt (max_steps may be raised via train_overrides).
-    stop_at pauses after that step, saving the state to resume from."""
+    stop_at pauses after that step, saving the state to resume from. With a task (tasks.py),
+    every eval also logs the exact-match accuracy on train and held-out problems."""
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -322,6 +324,7 @@ def train(data_file, out_dir, model_name: Optional[str] = None, preset: Optional
 
     gen = torch.Generator().manual_seed(tcfg.seed)
     eval_gen = torch.Generator().manual_seed(tcfg.seed + 1)
+    task_metrics = _task_metrics(task, config, out) if task else None
     start_step, best_val, history = 0, float("inf"), []
     if resume:
         st = torch.load(out / "state.pt", map_location=tcfg.device, weights_only=True)
@@ -379,7 +382,8 @@ def train(data_file, out_dir, model_name: Optional[str] = None, preset: Optional
                 history.append({"step": step, "train_loss": round(losses["train"], 5),
                                 "val_loss": round(losses["val"], 5), "lr": tcfg.lr_at(step),
                                 "tokens_per_second": round(tps, 1),
-                                "mfu": round(tps * flops_per_token / peak, 5)})
+                                "mfu": round(tps * flops_per_token / peak, 5),
+                                **(task_metrics(model) if task_metrics else {})})
                 bar.set_postfix(train=f"{losses['train']:.3f}", val=f"{losses['val']:.3f}")
                 if losses["val"] < best_val:
                     best_val = losses["val"]
@@ -425,6 +429,24 @@ def train(data_file, out_dir, model_name: Optional[str] = None, preset: Optional
         (out / "summary.json").write_text(
             json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
     return summary
+
+
+def _task_metrics(task: str, config: dict, out: Path):
+    """model -> {"train_acc", "heldout_acc"} on 256 problems of each split (the same ones at
+    every eval)."""
+    from . import tasks
+
+    tok = load_tokenizer(config["tokenizer"], out)
+    train_pairs, held = tasks.split(task, config.get("task_seed", 0))
+    rng = random.Random(0)
+    train_pairs, held = rng.sample(train_pairs, min(256, len(train_pairs))), held[:256]
+    n = tasks.max_new_tokens(task)
+
+    def metrics(model) -> dict:
+        acc = [round(tasks.answer_accuracy(model, tok.encode, tok.decode, task, p, n), 4)
+               for p in (train_pairs, held)]
+        return {"train_acc": acc[0], "heldout_acc": acc[1]}
+    return metrics
 
 
 def _load_weights(ckpt_dir: Path) -> dict:

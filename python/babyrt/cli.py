@@ -17,11 +17,20 @@ def _cmd_train(a) -> None:
     if a.compile:
         overrides["compile"] = True
     lora = {k: v for k, v in (("rank", a.lora_rank), ("alpha", a.lora_alpha)) if v is not None}
-    if not a.resume and a.data is None:
-        raise ValueError("--data is required (except with --resume)")
-    s = train(a.data, a.out, a.model, preset=a.preset, tokenizer=a.tokenizer,
+    data = a.data
+    if a.task and data is None and not a.resume:  # the task's training corpus, generated
+        from pathlib import Path
+
+        from .training import tasks
+
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        data = Path(a.out) / f"{a.task}.txt"
+        data.write_text(tasks.corpus(a.task))
+    if not a.resume and data is None:
+        raise ValueError("--data is required (except with --resume or --task)")
+    s = train(data, a.out, a.model, preset=a.preset, tokenizer=a.tokenizer,
               vocab_size=a.vocab_size, base=a.base, train_overrides=overrides,
-              lora_overrides=lora, resume=a.resume, stop_at=a.stop_at)
+              lora_overrides=lora, resume=a.resume, stop_at=a.stop_at, task=a.task)
     params = (f"{s['trainable_params']:,} trainable of {s['params']:,} parameters"
               if s["trainable_params"] != s["params"] else f"{s['params']:,} parameters")
     where = f"paused at step {s['stopped_at']}" if s["stopped_at"] else f"{s['steps']} steps"
@@ -35,6 +44,20 @@ def _cmd_export(a) -> None:
 
     r = export_checkpoint(a.checkpoint, a.out, dtype=a.dtype, quant=_quant_config(a))
     print(f"wrote {r['path']} ({r['bytes']:,} bytes)")
+
+
+def _cmd_eval_task(a) -> None:
+    from .evaluate import evaluate
+
+    r = evaluate(a.artifact, a.task, n=a.n, seed=a.seed, device=a.device)
+    print(f"{a.task}: {r['correct']} / {r['n']} held-out problems exact ({100 * r['accuracy']:.1f}%), "
+          f"{r['seconds']:.1f} s")
+    for e in r["examples"][:3]:
+        print(f"  {e['prompt']}{e['completion']!r} {'ok' if e['correct'] else 'wrong'}")
+    if a.json:
+        from pathlib import Path
+
+        Path(a.json).write_text(json.dumps(r, indent=1))
 
 
 def _quant_config(a):
@@ -100,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model on a text file, leaving a checkpoint directory")
     t.add_argument("--model", choices=sorted(MODELS), help="default: the preset's, else llama2")
     t.add_argument("--data", help="UTF-8 text file")
+    t.add_argument("--task", choices=["add", "cot-add", "mod-add"],
+                   help="train on a generated task corpus (training/tasks.py) and log answer "
+                        "accuracy on train and held-out problems at every eval")
     t.add_argument("--out", required=True, help="checkpoint directory to write")
     t.add_argument("--preset", choices=sorted(PRESETS))
     t.add_argument("--tokenizer", choices=["char", "sp"], default="char")
@@ -152,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--group-size", type=int, default=64, help="--to llama2c --version 2: Q8_0 group")
     c.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     c.set_defaults(func=_cmd_convert)
+
+    v = sub.add_parser("eval-task", help="exact-match accuracy on held-out task problems (C++ runtime)")
+    v.add_argument("artifact")
+    v.add_argument("--task", required=True, choices=["add", "cot-add", "mod-add"])
+    v.add_argument("--n", type=int, default=1000, help="held-out problems to score")
+    v.add_argument("--seed", type=int, default=0, help="the split's seed (as in training)")
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--json", help="write the result here")
+    v.set_defaults(func=_cmd_eval_task)
 
     b = sub.add_parser("bench", help="pp/tg speed of the runtime next to its peers, same weights")
     b.add_argument("artifact", nargs="?", help="an artifact directory (or use --shape)")

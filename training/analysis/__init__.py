@@ -1,0 +1,1 @@
+"""Interpretability and cost analysis of trained LLaMA checkpoints (see __main__.py)."""
