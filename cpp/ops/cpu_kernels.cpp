@@ -19,6 +19,21 @@ namespace {
 // How far ahead (bytes) a streamed row is prefetched.
 constexpr int64_t kPrefetchBytes = 1024;
 
+// Prefetch of column k in four consecutive rows starting at row0. A streamed matrix fetches
+// kPrefetchBytes ahead, non-temporally (past the last-level cache); otherwise the same line of
+// the next four rows: rows of 288 - 2048 bytes are too short for the hardware prefetcher to ramp
+// up on, and decode would wait on memory latency.
+template <typename T>
+inline void prefetch_rows(const T* row0, int64_t K, int64_t k, bool stream) {
+  for (int r = 0; r < 4; ++r) {
+    const T* p = row0 + r * K + k;
+    if (stream)
+      _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_NTA);
+    else
+      _mm_prefetch(reinterpret_cast<const char*>(p + 4 * K), _MM_HINT_T0);
+  }
+}
+
 enum class Isa { kScalar, kAvx2, kAvx512, kAvx512Vnni };
 
 // BABYRT_CPU_ISA=avx2|scalar caps the choice, so that every variant can be tested on one CPU.
@@ -73,7 +88,6 @@ BABYRT_AVX512 inline __mmask16 tail_mask(int64_t left) {
 // Four rows at a time share each load of x.
 BABYRT_AVX512 void gemv_f32_avx512(const float* W, const float* x, const float* residual,
                                    float* y, int64_t K, int64_t n0, int64_t n1, bool stream) {
-  const int64_t ahead = kPrefetchBytes / sizeof(float);
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
     const float* w0 = W + n * K;
@@ -83,17 +97,7 @@ BABYRT_AVX512 void gemv_f32_avx512(const float* W, const float* x, const float* 
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t k = 0; k < K; k += 16) {
       const __mmask16 m = tail_mask(K - k);
-      if (stream) {
-        _mm_prefetch(reinterpret_cast<const char*>(w0 + k + ahead), _MM_HINT_NTA);
-        _mm_prefetch(reinterpret_cast<const char*>(w1 + k + ahead), _MM_HINT_NTA);
-        _mm_prefetch(reinterpret_cast<const char*>(w2 + k + ahead), _MM_HINT_NTA);
-        _mm_prefetch(reinterpret_cast<const char*>(w3 + k + ahead), _MM_HINT_NTA);
-      } else {  // the same line of the next four rows (see gemv_q8_avx512)
-        _mm_prefetch(reinterpret_cast<const char*>(w0 + 4 * K + k), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(w1 + 4 * K + k), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(w2 + 4 * K + k), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(w3 + 4 * K + k), _MM_HINT_T0);
-      }
+      prefetch_rows(w0, K, k, stream);  // one 64-byte line per row per step
       const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
       a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w0 + k), xv, a0);
       a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w1 + k), xv, a1);
@@ -137,21 +141,7 @@ BABYRT_AVX512 void gemv_q8_avx512(const int8_t* W, const float* scales, int64_t 
       const int64_t end = (g + 1) * group;
       for (int64_t k = g * group; k < end; k += 16) {
         const __mmask16 m = tail_mask(end - k);
-        if ((k & 63) == 0) {
-          if (stream) {
-            _mm_prefetch(reinterpret_cast<const char*>(w0 + k + kPrefetchBytes), _MM_HINT_NTA);
-            _mm_prefetch(reinterpret_cast<const char*>(w1 + k + kPrefetchBytes), _MM_HINT_NTA);
-            _mm_prefetch(reinterpret_cast<const char*>(w2 + k + kPrefetchBytes), _MM_HINT_NTA);
-            _mm_prefetch(reinterpret_cast<const char*>(w3 + k + kPrefetchBytes), _MM_HINT_NTA);
-          } else {
-            // The same line of the next four rows: short rows are too brief for the hardware
-            // prefetcher to ramp up on, and decode is then bound by memory latency.
-            _mm_prefetch(reinterpret_cast<const char*>(w0 + 4 * K + k), _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(w1 + 4 * K + k), _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(w2 + 4 * K + k), _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(w3 + 4 * K + k), _MM_HINT_T0);
-          }
-        }
+        if ((k & 63) == 0) prefetch_rows(w0, K, k, stream);
         const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
         p0 = _mm512_fmadd_ps(load_q8(w0 + k, m), xv, p0);
         p1 = _mm512_fmadd_ps(load_q8(w1 + k, m), xv, p1);
@@ -219,11 +209,7 @@ BABYRT_VNNI void gemv_q8_vnni(const int8_t* W, const float* scales, int64_t grou
         const int64_t c1 = std::min(end, c0 + 256);
         __m512i i0 = _mm512_setzero_si512(), i1 = i0, i2 = i0, i3 = i0;
         for (int64_t k = c0; k < c1; k += 32) {
-          if ((k & 63) == 0) {
-            for (int r = 0; r < 4; ++r)
-              _mm_prefetch(reinterpret_cast<const char*>(stream ? w[r] + k + kPrefetchBytes : w[r] + 4 * K + k),
-                           stream ? _MM_HINT_NTA : _MM_HINT_T0);
-          }
+          if ((k & 63) == 0) prefetch_rows(W + n * K, K, k, stream);
           const __m512i xv = _mm512_loadu_si512(xq + k);
           i0 = _mm512_dpwssd_epi32(i0, wload(w[0] + k), xv);
           i1 = _mm512_dpwssd_epi32(i1, wload(w[1] + k), xv);
@@ -253,7 +239,6 @@ BABYRT_AVX2 inline float hsum(__m256 v) {
 
 BABYRT_AVX2 void gemv_f32_avx2(const float* W, const float* x, const float* residual, float* y,
                                int64_t K, int64_t n0, int64_t n1, bool stream) {
-  const int64_t ahead = kPrefetchBytes / sizeof(float);
   const int64_t K8 = K & ~int64_t{7};
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
@@ -263,12 +248,7 @@ BABYRT_AVX2 void gemv_f32_avx2(const float* W, const float* x, const float* resi
     const float* w3 = w2 + K;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t k = 0; k < K8; k += 8) {
-      if (stream && (k & 15) == 0) {
-        _mm_prefetch(reinterpret_cast<const char*>(w0 + k + ahead), _MM_HINT_NTA);
-        _mm_prefetch(reinterpret_cast<const char*>(w1 + k + ahead), _MM_HINT_NTA);
-        _mm_prefetch(reinterpret_cast<const char*>(w2 + k + ahead), _MM_HINT_NTA);
-        _mm_prefetch(reinterpret_cast<const char*>(w3 + k + ahead), _MM_HINT_NTA);
-      }
+      if ((k & 15) == 0) prefetch_rows(w0, K, k, stream);
       const __m256 xv = _mm256_loadu_ps(x + k);
       a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), xv, a0);
       a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), xv, a1);
