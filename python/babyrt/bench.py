@@ -120,9 +120,63 @@ def run_eager(model, device: str, dtype: torch.dtype, new_tokens: int, repeat: i
     return {"tg_tok_s": statistics.median(tg)}
 
 
+def run_compiled(model, device: str, dtype: torch.dtype, new_tokens: int, repeat: int,
+                 prompt_ids: list) -> dict:
+    """The gpt-fast-style peer: one decode step of the training model with a static KV cache,
+    under torch.compile (mode reduce-overhead, i.e. CUDA graphs, on a GPU)."""
+    m = model.to(device=device, dtype=dtype)
+    c = m.cfg
+    shape = (c.n_layers, 1, c.n_kv_heads, c.context_length, c.head_dim)
+    kc = torch.zeros(shape, device=device, dtype=dtype)
+    vc = torch.zeros_like(kc)
+    step = torch.compile(lambda tok, pos: m(tok, pos, kc, vc)[:, -1].argmax(-1, keepdim=True),
+                         mode="reduce-overhead" if device.startswith("cuda") else "default",
+                         fullgraph=True)
+    tg = []
+    with torch.inference_mode():
+        for i in range(repeat + 2):  # two warm-ups: compile, then capture
+            kc.zero_()
+            vc.zero_()
+            x = torch.tensor([prompt_ids], device=device)
+            tok = m(x, torch.arange(len(prompt_ids), device=device)[None], kc, vc)[:, -1].argmax(-1, keepdim=True)
+            pos = torch.tensor([[len(prompt_ids)]], device=device)
+            t = _now(device)
+            for _ in range(new_tokens - 1):
+                tok = step(tok.clone(), pos.clone())
+                pos += 1
+            tok.item()
+            if i >= 2:
+                tg.append((new_tokens - 1) / (_now(device) - t))
+    return {"tg_tok_s": statistics.median(tg)}
+
+
+def run_hf(artifact_dir, device: str, dtype: torch.dtype, new_tokens: int, repeat: int,
+           prompt_ids: list, tmp: Path) -> Optional[dict]:
+    """transformers' generate (greedy) on the same weights, converted with babyrt convert --to hf.
+    None when transformers is not installed."""
+    try:
+        from transformers import LlamaForCausalLM
+    except ImportError:
+        return None
+    from .convert import artifact_to_hf
+
+    folder = artifact_to_hf(artifact_dir, tmp / "hf")
+    hf = LlamaForCausalLM.from_pretrained(folder, torch_dtype=dtype).to(device).eval()
+    x = torch.tensor([prompt_ids], device=device)
+    runs = []
+    with torch.inference_mode():
+        for i in range(repeat + 1):
+            t = _now(device)
+            hf.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            if i:
+                runs.append(new_tokens / (_now(device) - t))
+    return {"tg_tok_s": statistics.median(runs)}  # prefill included, as generate() runs it
+
+
 def bench(artifact: Optional[str] = None, shape: Optional[str] = None, device: str = "cpu",
           dtype: Optional[str] = None, quantize: bool = False, group_size: Optional[int] = None,
-          new_tokens: int = 256, repeat: int = 3, peers: bool = True) -> dict:
+          new_tokens: int = 256, repeat: int = 3, peers=("eager",)) -> dict:
+    """peers: any of "eager", "compile", "hf" (run on --shape models only)."""
     from .artifact import read_metadata
     from .export import export_model
     from .quantize import QuantConfig
@@ -158,10 +212,20 @@ def bench(artifact: Optional[str] = None, shape: Optional[str] = None, device: s
             fdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
                 dtype or ("fp32" if device == "cpu" else "bf16")]
             prompt_ids = [ord(ch) - 32 for ch in PROMPT]
-            r = run_eager(model, device, fdtype, new_tokens, repeat, prompt_ids)
-            rows.append({"runtime": "PyTorch eager loop", "model": f"{shape}", "device": device,
-                         "dtype": str(fdtype).replace("torch.", ""), "quantization": "none",
-                         **r, "ms_per_token": 1e3 / r["tg_tok_s"]})
+            runners = {
+                "eager": ("PyTorch eager loop", lambda: run_eager(model, device, fdtype, new_tokens,
+                                                                  repeat, prompt_ids)),
+                "compile": ("torch.compile loop", lambda: run_compiled(
+                    model, device, fdtype, new_tokens, repeat, prompt_ids)),
+                "hf": ("HF transformers generate", lambda: run_hf(
+                    variants[0][1], device, fdtype, new_tokens, repeat, prompt_ids, Path(tmp)))}
+            for peer in peers:
+                label, run = runners[peer]
+                r = run()
+                if r is not None:
+                    rows.append({"runtime": label, "model": f"{shape}", "device": device,
+                                 "dtype": str(fdtype).replace("torch.", ""), "quantization": "none",
+                                 **r, "ms_per_token": 1e3 / r["tg_tok_s"]})
     return {"device": device, "copy_gb_s": bw / 1e9, "new_tokens": new_tokens,
             "prompt": PROMPT, "threads": torch.get_num_threads(), "rows": rows}
 
@@ -198,8 +262,12 @@ def plot(result: dict, path) -> None:
 def main(a) -> None:
     if not a.artifact and not a.shape:
         raise ValueError("give an ARTIFACT_DIR or --shape")
+    peers = [] if a.no_peers else [p for p in a.peers.split(",") if p]
+    unknown = set(peers) - {"eager", "compile", "hf"}
+    if unknown:
+        raise ValueError(f"unknown peers {sorted(unknown)}: choose from eager, compile, hf")
     result = bench(a.artifact, a.shape, a.device, a.dtype, a.quantize == "int8", a.group_size,
-                   a.new_tokens, a.repeat, not a.no_peers)
+                   a.new_tokens, a.repeat, peers)
     print(table(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))
