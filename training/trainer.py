@@ -437,7 +437,7 @@ def _task_metrics(task: str, config: dict, out: Path):
     from . import tasks
 
     tok = load_tokenizer(config["tokenizer"], out)
-    train_pairs, held = tasks.split(task, config.get("task_seed", 0))
+    train_pairs, held = tasks.split(task)  # seed 0, as the corpus babyrt train --task writes
     rng = random.Random(0)
     train_pairs, held = rng.sample(train_pairs, min(256, len(train_pairs))), held[:256]
     n = tasks.max_new_tokens(task)

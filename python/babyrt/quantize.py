@@ -87,7 +87,7 @@ class QuantizedLinear(nn.Module):
                                                                    requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.babyrt.linear(x, self.w.weight, self.w.scales, None)
+        y = self.w(x)
         if self.bias is not None:
             y = y + self.bias
         return y
