@@ -103,3 +103,11 @@ def test_sentencepiece_to_tokenizer_bin(tmp_path, shared_data):
     r = run_cli("babyrt", "convert", "--from", "sentencepiece", d / "tokenizer.bin", "--out",
                 tmp_path / "x.bin")
     assert r.returncode == 1 and "not a sentencepiece model" in r.stderr
+
+
+def test_llama2c_v2_bad_group_size_writes_nothing(tmp_path, llama_artifact):
+    _, art, _ = llama_artifact
+    r = run_cli("babyrt", "convert", "--to", "llama2c", art, "--out", tmp_path / "q.bin",
+                "--version", "2", "--group-size", "0")
+    assert r.returncode == 1 and "group_size must be a positive int" in r.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -74,6 +74,8 @@ def test_quantize_error_is_within_half_a_step():
         assert (err <= s.unsqueeze(-1) / 2 + 1e-6).all()
     with pytest.raises(ValueError, match="does not divide"):
         quantize_weight(torch.randn(4, 48), 32)
+    with pytest.raises(ValueError, match="positive int"):
+        quantize_weight(torch.randn(4, 48), 0)
     with pytest.raises(ValueError, match="group_size"):
         QuantConfig(group_size=0)
 

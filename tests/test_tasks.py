@@ -69,3 +69,8 @@ def test_train_task_export_eval_and_analysis(tmp_path):
     assert len(a["probe"]["heldout_acc"]) == 3  # embeddings + 2 blocks
     bad = run_cli("babyrt", "eval-task", tmp_path / "art", "--task", "mod-add", "--n", "0")
     assert bad.returncode == 1 and "n must be" in bad.stderr
+    bad = run_cli("babyrt", "eval-task", tmp_path / "art", "--task", "cot-add", "--n", "5")
+    assert bad.returncode == 1 and "not in the char-level vocabulary" in bad.stderr
+    bad = run_cli("python", "-m", "babyrt.training.analysis", tmp_path / "nothing", "--task",
+                  "add", "--out", tmp_path / "f2")
+    assert bad.returncode == 1 and "not a checkpoint directory" in bad.stderr

@@ -218,6 +218,8 @@ def artifact_to_llama2c(artifact_dir: PathLike, out_file: PathLike, version: int
         raise ConversionError(f"{artifact_dir}: llama2.c holds LLaMA models, not {md['architecture']}")
     if version not in (0, 1, 2):
         raise ConversionError(f"llama2.c version must be 0, 1 or 2, got {version}")
+    if version == 2 and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+        raise ConversionError(f"group_size must be a positive int, got {group_size!r}")
     state, shared = _artifact_state(artifact_dir)
     dim, hidden = state["norm.weight"].shape[0], state["layers.0.feed_forward.w1.weight"].shape[0]
     cfg = LlamaConfig(vocab_size=md["vocab_size"], dim=dim, n_layers=md["n_layers"],
@@ -242,7 +244,18 @@ def artifact_to_llama2c(artifact_dir: PathLike, out_file: PathLike, version: int
     header += b"\0" * ((V1_HEADER - len(header)) if version else 0)
     out_file = Path(out_file)
     tmp = out_file.with_name(out_file.name + ".tmp")
-    with open(tmp, "wb") as f:
+    try:
+        _write_llama2c(tmp, header, state, cfg, version, shared, group_size)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # nothing half-written stays behind
+        raise
+    tmp.replace(out_file)
+    return out_file
+
+
+def _write_llama2c(path: Path, header: bytes, state: dict, cfg: LlamaConfig, version: int,
+                   shared: bool, group_size: int) -> None:
+    with open(path, "wb") as f:
         f.write(header)
         if version == 2:
             norms, mats = _q80_order(cfg, shared)
@@ -255,8 +268,6 @@ def artifact_to_llama2c(artifact_dir: PathLike, out_file: PathLike, version: int
         else:
             for name in _order(cfg, version, shared):
                 f.write(state[name].contiguous().numpy().astype("<f4").tobytes())
-    tmp.replace(out_file)
-    return out_file
 
 
 def sentencepiece_to_tokenizer_bin(model_file: PathLike, out_file: PathLike) -> dict:

@@ -46,6 +46,8 @@ def quantize_weight(w: torch.Tensor, group_size: Optional[int] = None,
         raise ValueError(f"can only quantize a matrix, got shape {tuple(w.shape)}")
     N, K = w.shape
     g = K if group_size is None else group_size
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        raise ValueError(f"group size must be a positive int, got {g!r}")
     if K % g:
         raise ValueError(f"group size {g} does not divide the {K} columns of a {N}x{K} weight")
     wf = w.detach().float().reshape(N, K // g, g)

@@ -28,7 +28,10 @@ def main(argv=None):
     a = ap.parse_args(argv)
     ckpt, out = Path(a.checkpoint), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, config = load_checkpoint(ckpt)
+    try:
+        model, config = load_checkpoint(ckpt)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"analysis: error: {e}") from None
     if model.architecture != "llama":
         raise SystemExit("the analysis reads LLaMA internals; train with --model llama2 or llama1")
     tok = load_tokenizer(config["tokenizer"], ckpt)
