@@ -96,20 +96,28 @@ def run_babyrt(artifact_dir, device: str, dtype: Optional[str], new_tokens: int,
             "new_tokens": s["generated_tokens"]}
 
 
+def _static_cache(m, device: str, dtype: torch.dtype) -> tuple:
+    c = m.cfg
+    k = torch.zeros((c.n_layers, 1, c.n_kv_heads, c.context_length, c.head_dim), device=device,
+                    dtype=dtype)
+    return k, torch.zeros_like(k)
+
+
+def _prefill(m, prompt_ids: list, kc, vc, device: str) -> torch.Tensor:
+    """Greedy first token after the prompt, filling the cache."""
+    x = torch.tensor([prompt_ids], device=device)
+    return m(x, torch.arange(len(prompt_ids), device=device)[None], kc, vc)[:, -1].argmax(-1, keepdim=True)
+
+
 def run_eager(model, device: str, dtype: torch.dtype, new_tokens: int, repeat: int,
               prompt_ids: list) -> dict:
     """The peer: the training model in a Python loop with a static KV cache, greedy."""
     m = model.to(device=device, dtype=dtype)
-    c = m.cfg
     tg = []
     with torch.inference_mode():
         for i in range(repeat + 1):
-            shape = (c.n_layers, 1, c.n_kv_heads, c.context_length, c.head_dim)
-            kc = torch.zeros(shape, device=device, dtype=dtype)
-            vc = torch.zeros_like(kc)
-            x = torch.tensor([prompt_ids], device=device)
-            logits = m(x, torch.arange(len(prompt_ids), device=device)[None], kc, vc)
-            tok = logits[:, -1].argmax(-1, keepdim=True)
+            kc, vc = _static_cache(m, device, dtype)
+            tok = _prefill(m, prompt_ids, kc, vc, device)
             t = _now(device)
             for p in range(len(prompt_ids), len(prompt_ids) + new_tokens - 1):
                 logits = m(tok, torch.tensor([[p]], device=device), kc, vc)
@@ -125,10 +133,7 @@ def run_compiled(model, device: str, dtype: torch.dtype, new_tokens: int, repeat
     """The gpt-fast-style peer: one decode step of the training model with a static KV cache,
     under torch.compile (mode reduce-overhead, i.e. CUDA graphs, on a GPU)."""
     m = model.to(device=device, dtype=dtype)
-    c = m.cfg
-    shape = (c.n_layers, 1, c.n_kv_heads, c.context_length, c.head_dim)
-    kc = torch.zeros(shape, device=device, dtype=dtype)
-    vc = torch.zeros_like(kc)
+    kc, vc = _static_cache(m, device, dtype)
     step = torch.compile(lambda tok, pos: m(tok, pos, kc, vc)[:, -1].argmax(-1, keepdim=True),
                          mode="reduce-overhead" if device.startswith("cuda") else "default",
                          fullgraph=True)
@@ -137,8 +142,7 @@ def run_compiled(model, device: str, dtype: torch.dtype, new_tokens: int, repeat
         for i in range(repeat + 2):  # two warm-ups: compile, then capture
             kc.zero_()
             vc.zero_()
-            x = torch.tensor([prompt_ids], device=device)
-            tok = m(x, torch.arange(len(prompt_ids), device=device)[None], kc, vc)[:, -1].argmax(-1, keepdim=True)
+            tok = _prefill(m, prompt_ids, kc, vc, device)
             pos = torch.tensor([[len(prompt_ids)]], device=device)
             t = _now(device)
             for _ in range(new_tokens - 1):
@@ -178,10 +182,11 @@ def bench(artifact: Optional[str] = None, shape: Optional[str] = None, device: s
           new_tokens: int = 256, repeat: int = 3, peers=("eager",)) -> dict:
     """peers: any of "eager", "compile", "hf" (run on --shape models only)."""
     from .artifact import read_metadata
-    from .export import export_model
+    from .export import DTYPES, export_model
     from .quantize import QuantConfig
 
     bw = copy_bandwidth(device)
+    fdtype = dtype or ("fp32" if device == "cpu" else "bf16")  # float dtype of --shape models
     rows, model = [], None
     with tempfile.TemporaryDirectory(prefix="babyrt-bench-") as tmp:
         if artifact:
@@ -192,7 +197,6 @@ def bench(artifact: Optional[str] = None, shape: Optional[str] = None, device: s
             vocab = Path(tmp) / "tokenizer.bin"
             _synthetic_vocab(vocab, model.cfg.vocab_size)
             info = {"kind": "char", "bos_id": -1, "eos_id": -1, "add_bos": False}
-            fdtype = dtype or ("fp32" if device == "cpu" else "bf16")
             variants = []
             for q in ([None, QuantConfig(group_size=group_size)] if quantize else [None]):
                 name = f"{shape} {fdtype}" + (" int8" if q else "")
@@ -209,22 +213,21 @@ def bench(artifact: Optional[str] = None, shape: Optional[str] = None, device: s
                          "weight_gb_s": wb * r["tg_tok_s"] / 1e9,
                          "pct_copy_bw": 100 * wb * r["tg_tok_s"] / bw})
         if peers and model is not None:
-            fdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-                dtype or ("fp32" if device == "cpu" else "bf16")]
+            tdtype = DTYPES[fdtype]
             prompt_ids = [ord(ch) - 32 for ch in PROMPT]
             runners = {
-                "eager": ("PyTorch eager loop", lambda: run_eager(model, device, fdtype, new_tokens,
+                "eager": ("PyTorch eager loop", lambda: run_eager(model, device, tdtype, new_tokens,
                                                                   repeat, prompt_ids)),
                 "compile": ("torch.compile loop", lambda: run_compiled(
-                    model, device, fdtype, new_tokens, repeat, prompt_ids)),
+                    model, device, tdtype, new_tokens, repeat, prompt_ids)),
                 "hf": ("HF transformers generate", lambda: run_hf(
-                    variants[0][1], device, fdtype, new_tokens, repeat, prompt_ids, Path(tmp)))}
+                    variants[0][1], device, tdtype, new_tokens, repeat, prompt_ids, Path(tmp)))}
             for peer in peers:
                 label, run = runners[peer]
                 r = run()
                 if r is not None:
                     rows.append({"runtime": label, "model": f"{shape}", "device": device,
-                                 "dtype": str(fdtype).replace("torch.", ""), "quantization": "none",
+                                 "dtype": fdtype, "quantization": "none",
                                  **r, "ms_per_token": 1e3 / r["tg_tok_s"]})
     return {"device": device, "copy_gb_s": bw / 1e9, "new_tokens": new_tokens,
             "prompt": PROMPT, "threads": torch.get_num_threads(), "rows": rows}

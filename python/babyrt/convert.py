@@ -1,4 +1,4 @@
-"""Conversions between babyrt and llama2.c (checkpoints v0 and v1), Hugging Face transformers
+"""Conversions between babyrt and llama2.c (checkpoints v0, v1 and v2), Hugging Face transformers
 (LlamaForCausalLM folders), and sentencepiece models (tokenizer.bin).
 
 llama2.c layouts (fp32, little-endian), as karpathy's export.py writes them:
@@ -131,13 +131,10 @@ def read_llama2c(path: PathLike):
 
 
 def _q80_order(cfg: LlamaConfig, shared: bool) -> tuple:
-    L = cfg.n_layers
-    norms = [*_layer_names(L, "attention_norm.weight"), *_layer_names(L, "ffn_norm.weight"),
-             "norm.weight"]
-    mats = ["tok_embeddings.weight"]
-    mats += [n for w in ("wq", "wk", "wv", "wo") for n in _layer_names(L, f"attention.{w}.weight")]
-    mats += [n for w in ("w1", "w2", "w3") for n in _layer_names(L, f"feed_forward.{w}.weight")]
-    return norms, mats + ([] if shared else ["output.weight"])
+    """(fp32 norms, Q8_0 matrices) in v2 file order: v1's order, split after the norms."""
+    order = _order(cfg, 1, shared)
+    n_norms = 2 * cfg.n_layers + 1
+    return order[:n_norms], order[n_norms:]
 
 
 def _read_q80(path: Path, cfg: LlamaConfig, shapes: dict, shared: bool, group: int, size: int):
@@ -188,15 +185,15 @@ def llama2c_to_artifact(checkpoint: PathLike, tokenizer_bin: PathLike, out_dir: 
 
 
 def _fused_names(quantized: dict, n_layers: int) -> dict:
-    """{FusedLlama weight name: (int8, scales)} from training-layout names; fused matrices
-    (wqkv, w13) are the row-wise concatenation of their parts."""
+    """{FusedLlama weight name: (int8, scales)} from training-layout names, stacked as
+    FUSED_WEIGHTS says."""
+    from .fused_llama import FUSED_WEIGHTS
+
     out = {"output": quantized["output.weight"], "tok_embeddings": quantized["tok_embeddings.weight"]}
     for i in range(n_layers):
         p = f"layers.{i}."
-        parts = {"wqkv": [f"attention.{w}" for w in ("wq", "wk", "wv")], "wo": ["attention.wo"],
-                 "w13": ["feed_forward.w1", "feed_forward.w3"], "w2": ["feed_forward.w2"]}
-        for fused, names in parts.items():
-            qs = [quantized[p + n + ".weight"] for n in names]
+        for fused, parts in FUSED_WEIGHTS.items():
+            qs = [quantized[f"{p}{n}.weight"] for n in parts]
             out[p + fused] = (torch.cat([q for q, _ in qs]), torch.cat([s for _, s in qs]))
     return out
 

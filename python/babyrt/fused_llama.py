@@ -21,17 +21,23 @@ from .quantize import QuantConfig, Weight
 from .training.models.layers import rope_tables
 
 
+# The one definition of the fused layout: each matrix of a FusedBlock is these training
+# matrices (training/models/llama.py names, within a block) stacked row-wise, in this order.
+FUSED_WEIGHTS = {"wqkv": ("attention.wq", "attention.wk", "attention.wv"),
+                 "wo": ("attention.wo",),
+                 "w13": ("feed_forward.w1", "feed_forward.w3"),
+                 "w2": ("feed_forward.w2",)}
+
+
 class FusedBlock(nn.Module):
     def __init__(self, block, cfg, quant: Optional[QuantConfig]):
         super().__init__()
-        a, f = block.attention, block.feed_forward
         self.attention_norm = nn.Parameter(block.attention_norm.weight.detach().clone(),
                                            requires_grad=False)
         self.ffn_norm = nn.Parameter(block.ffn_norm.weight.detach().clone(), requires_grad=False)
-        self.wqkv = Weight(torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]), quant)
-        self.wo = Weight(a.wo.weight, quant)
-        self.w13 = Weight(torch.cat([f.w1.weight, f.w3.weight]), quant)
-        self.w2 = Weight(f.w2.weight, quant)
+        for fused, parts in FUSED_WEIGHTS.items():
+            setattr(self, fused, Weight(torch.cat([block.get_submodule(n).weight for n in parts]),
+                                        quant))
         self.eps = float(cfg.norm_eps)
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
 
@@ -105,19 +111,18 @@ def training_state_dict(module) -> tuple:
         w, s = sd[prefix + ".weight"], sd.get(prefix + ".scales")
         return torch.ops.babyrt.dequantize(w, s) if s is not None else w.float()
 
-    dim = sd["norm"].shape[0]
-    head_dim = module.head_dim
-    n_heads, n_kv = dim // head_dim, module.n_kv_heads
+    dim, kv_rows = sd["norm"].shape[0], module.n_kv_heads * module.head_dim
+    hidden = sd["layers.0.w13.weight"].shape[0] // 2
+    rows = {"attention.wq": dim, "attention.wk": kv_rows, "attention.wv": kv_rows,
+            "attention.wo": dim, "feed_forward.w1": hidden, "feed_forward.w3": hidden,
+            "feed_forward.w2": dim}
     out = {"tok_embeddings.weight": weight("tok_embeddings"), "norm.weight": sd["norm"].float(),
            "output.weight": weight("output")}
     for i in range(module.n_layers):
         p = f"layers.{i}."
-        wq, wk, wv = weight(p + "wqkv").split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim])
-        w1, w3 = weight(p + "w13").chunk(2)
-        out.update({p + "attention.wq.weight": wq, p + "attention.wk.weight": wk,
-                    p + "attention.wv.weight": wv, p + "attention.wo.weight": weight(p + "wo"),
-                    p + "feed_forward.w1.weight": w1, p + "feed_forward.w3.weight": w3,
-                    p + "feed_forward.w2.weight": weight(p + "w2"),
-                    p + "attention_norm.weight": sd[p + "attention_norm"].float(),
-                    p + "ffn_norm.weight": sd[p + "ffn_norm"].float()})
+        for fused, parts in FUSED_WEIGHTS.items():
+            pieces = weight(p + fused).split([rows[n] for n in parts])
+            out.update({f"{p}{n}.weight": w for n, w in zip(parts, pieces)})
+        for norm in ("attention_norm", "ffn_norm"):
+            out[f"{p}{norm}.weight"] = sd[p + norm].float()
     return out, shared
