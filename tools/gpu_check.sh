@@ -14,7 +14,7 @@ grep -o -- "-static[^ ]*\|[^ ]*stdc++[^ ]*" build/*/CMakeFiles/babyrt.dir/link.t
 cd /tmp  # import the installed package, not the source tree
 repo=$OLDPWD
 if [[ $what == *tests* || $what == all ]]; then
-  python3 -m pytest -q -x -p no:cacheprovider "$repo/tests/test_cuda.py" "$repo/tests/test_parity.py" \
+  python3 -m pytest -q -p no:cacheprovider "$repo/tests/test_cuda.py" "$repo/tests/test_batch.py" "$repo/tests/test_parity.py" \
     "$repo/tests/test_ops.py" "$repo/tests/test_quantize.py" "$repo/tests/test_hardening.py" \
     > "$OUT/pytest.log" 2>&1
   echo "pytest exit $?"; grep -E "passed|failed|Fatal|Segmentation|File \"$repo" "$OUT/pytest.log" | tail -15

@@ -172,5 +172,23 @@ PYBIND11_MODULE(_C, m) {
             }
             return torch::from_blob(l.data.data(), {l.rows, l.cols}, torch::kFloat).clone();
           },
-          py::arg("ids"), py::arg("prefill") = 0);
+          py::arg("ids"), py::arg("prefill") = 0)
+      .def(
+          "generate_batch",
+          [](const Model& s, const std::vector<std::string>& prompts, int64_t max_new_tokens,
+             float temperature, int64_t top_k, float top_p, uint64_t seed,
+             std::vector<std::string> stop) {
+            const auto o =
+                make_options(max_new_tokens, temperature, top_k, top_p, seed, std::move(stop));
+            BatchResult r;
+            {
+              py::gil_scoped_release release;
+              r = s.generate_batch(prompts, o);
+            }
+            py::list stats;
+            for (const auto& st : r.stats) stats.append(stats_dict(st));
+            return py::make_tuple(r.texts, stats);
+          },
+          py::arg("prompts"), py::arg("max_new_tokens"), py::arg("temperature"), py::arg("top_k"),
+          py::arg("top_p"), py::arg("seed"), py::arg("stop"));
 }

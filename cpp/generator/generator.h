@@ -1,5 +1,7 @@
 // Text generation: prefill the prompt, then decode one token at a time with the KV cache,
-// stopping at EOS, a stop string or max_new_tokens.
+// stopping at EOS, a stop string or max_new_tokens. On the CPU the host samples each token;
+// on CUDA the tokens stay on the device (device_loop.h) and the host reads them back every
+// `sync_every` steps.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -12,6 +14,7 @@
 namespace babyrt {
 
 class Backend;
+class DeviceLoopPool;
 class Tokenizer;
 
 inline constexpr int64_t kMaxNewTokensLimit = 1'000'000;
@@ -20,6 +23,7 @@ struct GenerateOptions {
   int64_t max_new_tokens = 256;
   SamplingParams sampling;
   std::vector<std::string> stop;  // generation ends before the first occurrence of any
+  int64_t sync_every = 16;        // on-device decoding: steps between reads of the tokens
 };
 
 struct GenerationStats {
@@ -38,8 +42,9 @@ void validate(const GenerateOptions& options);
 // one backend.
 class Generation {
  public:
+  // loops: where on-device decoding borrows its loop; null decodes on the host.
   Generation(const Backend& backend, const Tokenizer& tokenizer, std::string_view prompt,
-             const GenerateOptions& options);
+             const GenerateOptions& options, DeviceLoopPool* loops = nullptr);
   ~Generation();
   Generation(const Generation&) = delete;
   Generation& operator=(const Generation&) = delete;
@@ -56,5 +61,16 @@ class Generation {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
+struct BatchResult {
+  std::vector<std::string> texts;
+  std::vector<GenerationStats> stats;  // per prompt; the seconds are the batch's
+};
+
+// Several prompts decoded together as one batch, each with its own stop. A KV-cache model
+// decodes them on a DeviceLoop (no sliding past the context: a sequence that fills it ends
+// with "length"); a window model runs them one after another.
+BatchResult generate_batch(const Backend& backend, const Tokenizer& tokenizer, DeviceLoopPool& loops,
+                           const std::vector<std::string>& prompts, const GenerateOptions& options);
 
 }  // namespace babyrt

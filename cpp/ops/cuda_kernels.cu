@@ -1,25 +1,43 @@
-// CUDA kernels behind babyrt's ops. Built only when the Torch found has CUDA.
+// CUDA kernels behind babyrt's ops, for decode (a few rows at a time). Built only when the
+// Torch found has CUDA. Shapes they do not cover (prefill, odd sizes) run the ATen references.
 //
-// int8 linear at decode (M <= kMaxGemvRows rows of x): one warp per output row, each lane
-// loading 16 weight bytes at a time, so that every weight byte is read once and in full
-// 128-byte lines; x comes through L1, scales once per 16 weights. Larger M (prefill) runs as
-// dequantize + cuBLAS GEMM through the ATen reference.
+// - gemv: y = act(x) @ W^T (+ residual) for M <= kMaxRows rows of x, W float (the dtype of x) or
+//   int8 with group scales. One warp per output row; each lane streams 16-byte weight chunks, so
+//   every weight byte is read once, in full lines. act is the identity, RMSNorm (rmsnorm_linear)
+//   or SwiGLU (swiglu_linear), applied as x is read: the fused ops are one kernel each.
+// - attention_decode: one token per sequence. RoPE on q and k, k and v written into the cache,
+//   softmax(q K^T / sqrt(D)) V over the filled slots only. One block per (head, sequence).
+//
+// Both launch with programmatic dependent launch (PDL, Hopper): a kernel starts while its
+// predecessor drains, loads its weights (which no kernel writes), and only then waits for the
+// predecessor's results (griddepcontrol.wait). BABYRT_PDL=0 turns it off, to measure it.
+//
+// Roundings follow the references (ops.cpp): intermediate values are rounded to the dtype of x
+// where the reference rounds them, so that the fused ops track the unfused ones.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "ops/ops.h"
 
 namespace babyrt::ops {
 namespace {
 
-constexpr int kMaxGemvRows = 8;
-constexpr int kWarpsPerBlock = 8;
-constexpr int kUnroll = 8;  // 16-byte loads in flight per lane
+constexpr int kMaxRows = 8;      // rows of x a GEMV takes; more run as a GEMM (cuBLAS)
+constexpr int kWarps = 4;        // warps (output rows) per block
+constexpr int kBatch = 8;        // 16-byte weight chunks per lane per load batch
+constexpr int kAttnThreads = 128;
+constexpr int kMaxHeadDim = 256;
+constexpr int64_t kMaxAttnSlots = 8192;  // scores of the filled slots live in shared memory
 
+// ------------------------------------------------------------------ helpers
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -29,116 +47,468 @@ template <> __device__ __forceinline__ __half from_float<__half>(float v) { retu
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16(v);
 }
+// v rounded to T and back: what storing an fp32 intermediate as T does in the reference.
+template <typename T> __device__ __forceinline__ float round_to(float v) {
+  return to_float(from_float<T>(v));
+}
 
-// y[m, n] = sum_k x[m, k] * W[n, k] * scales[n, k / group] (+ residual[m, n]).
-// K and group are multiples of 16, so each lane's 16 weights share one scale.
-template <typename T, typename S>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32)
-gemv_q8_kernel(const int8_t* __restrict__ W, const S* __restrict__ scales,
-               const T* __restrict__ x, const T* __restrict__ residual, T* __restrict__ y,
-               int M, int N, int K, int group) {
-  const int lane = threadIdx.x % 32;
-  const int n = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32;
-  if (n >= N) return;
-  const int G = K / group;
-  const int4* row = reinterpret_cast<const int4*>(W + static_cast<int64_t>(n) * K);
-  const int chunks = K / 16;
-  float acc[kMaxGemvRows];
-#pragma unroll
-  for (int m = 0; m < kMaxGemvRows; ++m) acc[m] = 0.f;
+// PDL: wait for the previous kernel's results / let the next kernel launch.
+__device__ __forceinline__ void wait_for_inputs() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_next_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
 
-  for (int c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
-    int4 w[kUnroll];
+// N consecutive T values at p (16-byte aligned, N * sizeof(T) a multiple of 16), as floats.
+template <typename T, int N>
+__device__ __forceinline__ void load_floats(const T* p, float (&out)[N]) {
+  static_assert(N * sizeof(T) % 16 == 0, "whole 16-byte vectors only");
+  constexpr int kVecs = N * sizeof(T) / 16;
+  int4 raw[kVecs];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+  for (int i = 0; i < kVecs; ++i) raw[i] = reinterpret_cast<const int4*>(p)[i];
+  const T* v = reinterpret_cast<const T*>(raw);
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = to_float(v[i]);
+}
+
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
+  static const bool pdl = [] {
+    const char* v = std::getenv("BABYRT_PDL");
+    return !(v && std::strcmp(v, "0") == 0);
+  }();
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = c10::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = pdl ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
+}
+
+// f(T{}) with T the CUDA type of a float dtype (callers check the dtype first).
+template <typename F>
+void dispatch_float(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(__half{}); break;
+    case at::kBFloat16: f(__nv_bfloat16{}); break;
+    default: TORCH_CHECK(false, "babyrt CUDA kernels take fp32, fp16 or bf16");
+  }
+}
+
+// ------------------------------------------------------------------ GEMV
+enum class Act { kNone, kRmsNorm, kSwiGlu };
+
+struct GemvArgs {
+  const void* w;         // [N, K], int8 or T
+  const void* scales;    // [N, K / group] (int8 weights only)
+  const void* x;         // [M, K] (kSwiGlu: [M, 2K], gate then up)
+  const void* norm;      // [K] (kRmsNorm)
+  const void* residual;  // [M, N] or null
+  void* y;               // [M, N]
+  float eps;
+  int M, N, K, group;
+};
+
+// T: dtype of x and y. W: weight element (T, or int8_t with scales S).
+template <typename T, typename W, typename S, Act kAct>
+__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
+  constexpr int E = 16 / sizeof(W);  // weights per 16-byte chunk
+  constexpr bool kQ8 = sizeof(W) == 1;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int n = blockIdx.x * kWarps + warp;
+  const bool active = n < a.N;
+  const int chunks = a.K / E;
+  const int4* row = reinterpret_cast<const int4*>(static_cast<const W*>(a.w) +
+                                                  static_cast<int64_t>(active ? n : 0) * a.K);
+  const S* srow = kQ8 ? static_cast<const S*>(a.scales) +
+                            static_cast<int64_t>(active ? n : 0) * (a.K / a.group)
+                      : nullptr;
+
+  // The first batch of weights (and scales) before waiting: they do not depend on the
+  // previous kernel, so these loads overlap its tail.
+  int4 wv[kBatch];
+  float sv[kBatch];
+  auto load_batch = [&](int c0) {
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
       const int c = c0 + u * 32;
-      w[u] = c < chunks ? __ldcs(row + c) : make_int4(0, 0, 0, 0);  // streamed: read once
+      const bool ok = active && c < chunks;
+      wv[u] = ok ? __ldcs(row + c) : make_int4(0, 0, 0, 0);  // streamed: read once
+      if constexpr (kQ8) sv[u] = ok ? to_float(srow[c * E / a.group]) : 0.f;
     }
+  };
+  load_batch(lane);
+  allow_next_launch();
+  wait_for_inputs();
+
+  const T* x = static_cast<const T*>(a.x);
+  const int64_t xs = kAct == Act::kSwiGlu ? 2 * static_cast<int64_t>(a.K) : a.K;
+  __shared__ float inv_rms[kMaxRows];
+  if constexpr (kAct == Act::kRmsNorm) {
+    __shared__ float partial[kWarps][kMaxRows];
+    for (int m = 0; m < a.M; ++m) {
+      float ss = 0.f;
+      for (int k = threadIdx.x; k < a.K; k += blockDim.x) {
+        const float v = to_float(x[m * xs + k]);
+        ss += v * v;
+      }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int c = c0 + u * 32;
-      if (c >= chunks) break;
-      const int k = c * 16;
-      const float s = to_float(scales[static_cast<int64_t>(n) * G + k / group]);
-      const int8_t* b = reinterpret_cast<const int8_t*>(&w[u]);
+      for (int off = 16; off > 0; off /= 2) ss += __shfl_xor_sync(0xffffffff, ss, off);
+      if (lane == 0) partial[warp][m] = ss;
+    }
+    __syncthreads();
+    if (threadIdx.x < a.M) {
+      float ss = 0.f;
+      for (int i = 0; i < kWarps; ++i) ss += partial[i][threadIdx.x];
+      inv_rms[threadIdx.x] = rsqrtf(ss / a.K + a.eps);
+    }
+    __syncthreads();
+  }
+
+  float acc[kMaxRows];
 #pragma unroll
-      for (int m = 0; m < kMaxGemvRows; ++m) {
-        if (m >= M) break;
-        // The 16 activations as 16-byte vector loads (K % 16 == 0 keeps them aligned).
-        constexpr int kVec = 16 * sizeof(T) / 16;
-        int4 xv[kVec];
-        const int4* xm = reinterpret_cast<const int4*>(x + static_cast<int64_t>(m) * K + k);
+  for (int m = 0; m < kMaxRows; ++m) acc[m] = 0.f;
+  if (active) {
+    for (int c0 = lane; c0 < chunks; c0 += 32 * kBatch) {
+      int4 cur[kBatch];
+      float cur_s[kBatch];
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) xv[i] = xm[i];
-        const T* xe = reinterpret_cast<const T*>(xv);
-        float part = 0.f;
+      for (int u = 0; u < kBatch; ++u) {
+        cur[u] = wv[u];
+        cur_s[u] = sv[u];
+      }
+      if (c0 + 32 * kBatch < chunks) load_batch(c0 + 32 * kBatch);  // next batch in flight
 #pragma unroll
-        for (int j = 0; j < 16; ++j) part += static_cast<float>(b[j]) * to_float(xe[j]);
-        acc[m] += part * s;
+      for (int u = 0; u < kBatch; ++u) {
+        const int c = c0 + u * 32;
+        if (c >= chunks) break;
+        const int k = c * E;
+        const W* wp = reinterpret_cast<const W*>(&cur[u]);
+        float wf[E];
+#pragma unroll
+        for (int j = 0; j < E; ++j) {
+          if constexpr (kQ8) wf[j] = static_cast<float>(wp[j]);
+          else wf[j] = to_float(wp[j]);
+        }
+        float g[E];
+        if constexpr (kAct == Act::kRmsNorm) load_floats<T, E>(static_cast<const T*>(a.norm) + k, g);
+#pragma unroll
+        for (int m = 0; m < kMaxRows; ++m) {
+          if (m >= a.M) break;
+          float xv[E];
+          load_floats<T, E>(x + m * xs + k, xv);
+          if constexpr (kAct == Act::kRmsNorm) {
+#pragma unroll
+            for (int j = 0; j < E; ++j) xv[j] = round_to<T>(round_to<T>(xv[j] * inv_rms[m]) * g[j]);
+          } else if constexpr (kAct == Act::kSwiGlu) {
+            float up[E];
+            load_floats<T, E>(x + m * xs + a.K + k, up);
+#pragma unroll
+            for (int j = 0; j < E; ++j)
+              xv[j] = round_to<T>(round_to<T>(xv[j] / (1.f + __expf(-xv[j]))) * up[j]);
+          }
+          float part = 0.f;
+#pragma unroll
+          for (int j = 0; j < E; ++j) part += wf[j] * xv[j];
+          acc[m] += kQ8 ? part * cur_s[u] : part;
+        }
       }
     }
   }
 #pragma unroll
-  for (int m = 0; m < kMaxGemvRows; ++m) {
-    if (m >= M) break;
+  for (int m = 0; m < kMaxRows; ++m) {
+    if (m >= a.M) break;
     float v = acc[m];
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffff, v, off);
-    if (lane == 0) {
-      const int64_t i = static_cast<int64_t>(m) * N + n;
-      y[i] = from_float<T>(v + (residual ? to_float(residual[i]) : 0.f));
+    if (active && lane == 0) {
+      const int64_t i = static_cast<int64_t>(m) * a.N + n;
+      float out = v;
+      if (a.residual) out = round_to<T>(out) + to_float(static_cast<const T*>(a.residual)[i]);
+      static_cast<T*>(a.y)[i] = from_float<T>(out);
     }
   }
 }
 
-template <typename T, typename S>
-void launch(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-            const at::Tensor* residual, at::Tensor& y, int M, int N, int K) {
-  const int group = K / static_cast<int>(scales.size(1));
-  const dim3 grid((N + kWarpsPerBlock - 1) / kWarpsPerBlock), block(kWarpsPerBlock * 32);
-  gemv_q8_kernel<T, S><<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      w.const_data_ptr<int8_t>(), reinterpret_cast<const S*>(scales.const_data_ptr()),
-      reinterpret_cast<const T*>(x.const_data_ptr()),
-      residual ? reinterpret_cast<const T*>(residual->const_data_ptr()) : nullptr,
-      reinterpret_cast<T*>(y.mutable_data_ptr()), M, N, K, group);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+bool aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
+
+// Runs the GEMV kernel when it covers the call; false otherwise (the caller falls back).
+// x: [M, K] (or [M, 2K] for SwiGLU), contiguous.
+bool try_gemv(Act act, const at::Tensor& x, const at::Tensor& w, const OptTensor& scales,
+              const at::Tensor* norm, double eps, const OptTensor& residual, at::Tensor& y) {
+  const int64_t K = w.size(1), N = w.size(0);
+  const int64_t M = x.numel() / x.size(-1);
+  if (M < 1 || M > kMaxRows || N == 0 || K == 0 || K >= (int64_t{1} << 30) ||
+      N >= (int64_t{1} << 30) || !x.is_contiguous() || !w.is_contiguous() || !aligned16(x) ||
+      !aligned16(w))
+    return false;
+  const auto T = x.scalar_type();
+  if (T != at::kFloat && T != at::kHalf && T != at::kBFloat16) return false;
+  const bool q8 = scales.has_value();
+  const int64_t E = q8 ? 16 : 16 / w.element_size();
+  int64_t group = K;
+  if (q8) {
+    if (!scales->is_contiguous() ||
+        (scales->scalar_type() != at::kFloat && scales->scalar_type() != at::kBFloat16))
+      return false;
+    group = K / scales->size(1);
+    if (group % 16) return false;
+  } else if (w.scalar_type() != T) {
+    return false;
+  }
+  // Whole 16-byte chunks of weights and of activations, aligned.
+  if (K % E || (E * x.element_size()) % 16) return false;
+  if (norm && (norm->scalar_type() != T || !norm->is_contiguous() || !aligned16(*norm))) return false;
+  if (residual && (!residual->is_contiguous() || residual->scalar_type() != T)) return false;
+
+  GemvArgs a{w.const_data_ptr(), q8 ? scales->const_data_ptr() : nullptr, x.const_data_ptr(),
+             norm ? norm->const_data_ptr() : nullptr,
+             residual ? residual->const_data_ptr() : nullptr, y.mutable_data_ptr(),
+             static_cast<float>(eps), static_cast<int>(M), static_cast<int>(N),
+             static_cast<int>(K), static_cast<int>(group)};
+  const dim3 grid((N + kWarps - 1) / kWarps), block(kWarps * 32);
+  const c10::cuda::CUDAGuard guard(x.device());
+  dispatch_float(T, [&](auto ttag) {
+    using CT = decltype(ttag);
+    auto run = [&](auto wtag, auto stag) {
+      using WT = decltype(wtag);
+      using ST = decltype(stag);
+      switch (act) {
+        case Act::kNone: launch(gemv_kernel<CT, WT, ST, Act::kNone>, grid, block, 0, a); break;
+        case Act::kRmsNorm: launch(gemv_kernel<CT, WT, ST, Act::kRmsNorm>, grid, block, 0, a); break;
+        case Act::kSwiGlu: launch(gemv_kernel<CT, WT, ST, Act::kSwiGlu>, grid, block, 0, a); break;
+      }
+    };
+    if (!q8)
+      run(CT{}, float{});
+    else if (scales->scalar_type() == at::kBFloat16)
+      run(int8_t{}, __nv_bfloat16{});
+    else
+      run(int8_t{}, float{});
+  });
+  return true;
+}
+
+at::Tensor new_output(const at::Tensor& x, int64_t last) {
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = last;
+  return at::empty(shape, x.options());
+}
+
+at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& w, const OptTensor& scales,
+                       const OptTensor& residual) {
+  check_linear(x, w, scales, residual);
+  at::Tensor y = new_output(x, w.size(0));
+  if (x.numel() && try_gemv(Act::kNone, x, w, scales, nullptr, 0, residual, y)) return y;
+  return linear_reference(x, w, scales, residual);
+}
+
+at::Tensor rmsnorm_linear_cuda(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
+                               const at::Tensor& w, const OptTensor& scales) {
+  check_linear(x, w, scales, std::nullopt);
+  TORCH_CHECK(norm_weight.dim() == 1 && norm_weight.size(0) == x.size(-1),
+              "rmsnorm_linear: norm weight does not fit x");
+  at::Tensor y = new_output(x, w.size(0));
+  if (x.numel() && try_gemv(Act::kRmsNorm, x, w, scales, &norm_weight, eps, std::nullopt, y))
+    return y;
+  return rmsnorm_linear_reference(x, norm_weight, eps, w, scales);
+}
+
+at::Tensor swiglu_linear_cuda(const at::Tensor& gate_up, const at::Tensor& w,
+                              const OptTensor& scales, const OptTensor& residual) {
+  TORCH_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) == 2 * w.size(1),
+              "swiglu_linear: gate_up's last dimension must be twice the weight's input size");
+  at::Tensor y = new_output(gate_up, w.size(0));
+  if (gate_up.numel() && (!residual || residual->sizes() == y.sizes()) &&
+      try_gemv(Act::kSwiGlu, gate_up, w, scales, nullptr, 0, residual, y))
+    return y;
+  return swiglu_linear_reference(gate_up, w, scales, residual);
+}
+
+// ------------------------------------------------------------------ attention at decode
+struct AttnArgs {
+  const void* qkv;           // [B, 1, (H + 2 KV) D]
+  const int64_t* positions;  // [B, 1]
+  const float* cos;          // [P, D/2] or null
+  const float* sin;
+  void* k_cache;             // [B, KV, S, D]
+  void* v_cache;
+  void* out;                 // [B, 1, H D]
+  int H, KV, D, S, P;
+};
+
+// Block reduction of one float (max or sum) over kAttnThreads threads.
+template <bool kMax>
+__device__ float block_reduce(float v, float* scratch) {
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) {
+    const float o = __shfl_xor_sync(0xffffffff, v, off);
+    v = kMax ? fmaxf(v, o) : v + o;
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  __syncthreads();  // scratch may still be read from a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = scratch[0];
+  for (int i = 1; i < kAttnThreads / 32; ++i) v = kMax ? fmaxf(v, scratch[i]) : v + scratch[i];
+  return v;
 }
 
 template <typename T>
-void launch_scales(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                   const at::Tensor* residual, at::Tensor& y, int M, int N, int K) {
-  if (scales.scalar_type() == at::kBFloat16)
-    launch<T, __nv_bfloat16>(x, w, scales, residual, y, M, N, K);
-  else
-    launch<T, float>(x, w, scales, residual, y, M, N, K);
+__global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs a) {
+  constexpr int E = 16 / sizeof(T);  // cache elements per 16-byte vector
+  extern __shared__ float smem[];    // scores [S], then partial outputs [groups, D]
+  __shared__ float q[kMaxHeadDim];
+  __shared__ float scratch[kAttnThreads / 32];
+  const int h = blockIdx.x, b = blockIdx.y, D = a.D, half = D / 2;
+  const int kvh = h / (a.H / a.KV);
+  allow_next_launch();
+  wait_for_inputs();
+
+  const int64_t p = a.positions[b];
+  const T* row = static_cast<const T*>(a.qkv) + static_cast<int64_t>(b) * (a.H + 2 * a.KV) * D;
+  T* out = static_cast<T*>(a.out) + (static_cast<int64_t>(b) * a.H + h) * D;
+  if (p < 0 || p >= a.S || (a.cos && p >= a.P)) {  // the runtime never asks this; stay in bounds
+    for (int d = threadIdx.x; d < D; d += blockDim.x) out[d] = from_float<T>(0.f);
+    return;
+  }
+  const int64_t cache_off = (static_cast<int64_t>(b) * a.KV + kvh) * a.S * D;
+  T* kc = static_cast<T*>(a.k_cache) + cache_off;
+  T* vc = static_cast<T*>(a.v_cache) + cache_off;
+
+  // RoPE on q and on this token's k; k and v into their slot. Every block of a kv head writes
+  // the same values, so the duplicate writes are benign and each block then reads its own.
+  const T* qh = row + h * D;
+  const T* kh = row + (a.H + kvh) * D;
+  const T* vh = row + (a.H + a.KV + kvh) * D;
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    const float q0 = to_float(qh[2 * i]), q1 = to_float(qh[2 * i + 1]);
+    const float k0 = to_float(kh[2 * i]), k1 = to_float(kh[2 * i + 1]);
+    if (a.cos) {
+      const float c = a.cos[p * half + i], s = a.sin[p * half + i];
+      q[2 * i] = round_to<T>(q0 * c - q1 * s);
+      q[2 * i + 1] = round_to<T>(q0 * s + q1 * c);
+      kc[p * D + 2 * i] = from_float<T>(k0 * c - k1 * s);
+      kc[p * D + 2 * i + 1] = from_float<T>(k0 * s + k1 * c);
+    } else {
+      q[2 * i] = q0;
+      q[2 * i + 1] = q1;
+      kc[p * D + 2 * i] = kh[2 * i];
+      kc[p * D + 2 * i + 1] = kh[2 * i + 1];
+    }
+  }
+  for (int d = threadIdx.x; d < D; d += blockDim.x) vc[p * D + d] = vh[d];
+  __syncthreads();
+
+  // Scores of slots 0..p, one slot per thread at a time.
+  const float scale = rsqrtf(static_cast<float>(D));
+  float* scores = smem;
+  float local_max = -INFINITY;
+  for (int64_t j = threadIdx.x; j <= p; j += blockDim.x) {
+    const T* kj = kc + j * D;
+    float s = 0.f;
+    for (int d0 = 0; d0 < D; d0 += E) {
+      float kv[E];
+      load_floats<T, E>(kj + d0, kv);
+#pragma unroll
+      for (int e = 0; e < E; ++e) s += q[d0 + e] * kv[e];
+    }
+    s *= scale;
+    scores[j] = s;
+    local_max = fmaxf(local_max, s);
+  }
+  const float m = block_reduce<true>(local_max, scratch);
+  float local_sum = 0.f;
+  for (int64_t j = threadIdx.x; j <= p; j += blockDim.x) {
+    const float e = __expf(scores[j] - m);
+    scores[j] = e;
+    local_sum += e;
+  }
+  const float total = block_reduce<false>(local_sum, scratch);  // its __syncthreads publishes scores
+
+  // Weighted sum of values: thread = (slot group, 16-byte column chunk).
+  const int vecs = D / E, groups = kAttnThreads / vecs;
+  const int c = threadIdx.x % vecs, g = threadIdx.x / vecs;
+  float* partial = smem + a.S;
+  if (g < groups) {
+    float acc[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] = 0.f;
+    for (int64_t j = g; j <= p; j += groups) {
+      float vv[E];
+      load_floats<T, E>(vc + j * D + c * E, vv);
+      const float w = scores[j];
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[e] += w * vv[e];
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e) partial[g * D + c * E + e] = acc[e];
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float v = 0.f;
+    for (int i = 0; i < groups; ++i) v += partial[i * D + d];
+    out[d] = from_float<T>(v / total);
+  }
 }
 
-at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& w,
-                       const std::optional<at::Tensor>& scales,
-                       const std::optional<at::Tensor>& residual) {
-  check_linear(x, w, scales, residual);
-  const int64_t K = x.size(-1), N = w.size(0), M = K ? x.numel() / K : 0;
-  const bool fits = scales && M >= 1 && M <= kMaxGemvRows && K % 16 == 0 &&
-                    (K / scales->size(1)) % 16 == 0 && K < (int64_t{1} << 30) &&
-                    (scales->scalar_type() == at::kFloat || scales->scalar_type() == at::kBFloat16);
-  if (!fits) return linear_reference(x, w, scales, residual);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xc = x.contiguous(), wc = w.contiguous(), sc = scales->contiguous();
-  const at::Tensor rc = residual ? residual->contiguous() : at::Tensor();
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = N;
-  at::Tensor y = at::empty(shape, x.options());
-  const at::Tensor* r = rc.defined() ? &rc : nullptr;
-  switch (x.scalar_type()) {
-    case at::kFloat: launch_scales<float>(xc, wc, sc, r, y, M, N, K); break;
-    case at::kHalf: launch_scales<__half>(xc, wc, sc, r, y, M, N, K); break;
-    case at::kBFloat16: launch_scales<__nv_bfloat16>(xc, wc, sc, r, y, M, N, K); break;
-    default: return linear_reference(x, w, scales, residual);
-  }
-  return y;
+at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, const OptTensor& cos,
+                          const OptTensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                          int64_t H, int64_t KV) {
+  check_attention(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
+  const int64_t B = qkv.size(0), T = qkv.size(1), D = k_cache.size(3), S = k_cache.size(2);
+  const auto dt = qkv.scalar_type();
+  const int64_t E = 16 / qkv.element_size();
+  const bool fits =
+      T == 1 && (dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16) && D % E == 0 &&
+      D % 2 == 0 && D <= kMaxHeadDim && S <= kMaxAttnSlots && B < 65536 && qkv.is_contiguous() &&
+      positions.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+      aligned16(k_cache) && aligned16(v_cache) &&
+      (!cos || (cos->scalar_type() == at::kFloat && sin->scalar_type() == at::kFloat &&
+                cos->is_contiguous() && sin->is_contiguous()));
+  if (!fits) return attention_reference(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
+  at::Tensor out = at::empty({B, 1, H * D}, qkv.options());
+  const int64_t groups = kAttnThreads / (D / E);
+  const size_t smem = (S + groups * D) * sizeof(float);
+  AttnArgs a{qkv.const_data_ptr(), positions.const_data_ptr<int64_t>(),
+             cos ? cos->const_data_ptr<float>() : nullptr,
+             sin ? sin->const_data_ptr<float>() : nullptr, k_cache.mutable_data_ptr(),
+             v_cache.mutable_data_ptr(), out.mutable_data_ptr(), static_cast<int>(H),
+             static_cast<int>(KV), static_cast<int>(D), static_cast<int>(S),
+             cos ? static_cast<int>(cos->size(0)) : 0};
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  dispatch_float(dt, [&](auto ttag) {
+    using CT = decltype(ttag);
+    auto kernel = attention_decode_kernel<CT>;
+    if (smem > 48 * 1024)
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+    launch(kernel, dim3(H, B), dim3(kAttnThreads), smem, a);
+  });
+  return out;
 }
 
 }  // namespace
 }  // namespace babyrt::ops
 
-TORCH_LIBRARY_IMPL(babyrt, CUDA, m) { m.impl("linear", babyrt::ops::linear_cuda); }
+TORCH_LIBRARY_IMPL(babyrt, CUDA, m) {
+  using namespace babyrt::ops;
+  m.impl("linear", linear_cuda);
+  m.impl("rmsnorm_linear", rmsnorm_linear_cuda);
+  m.impl("swiglu_linear", swiglu_linear_cuda);
+  m.impl("attention", attention_cuda);
+}

@@ -15,8 +15,6 @@
 namespace babyrt::ops {
 namespace {
 
-using OptTensor = std::optional<at::Tensor>;
-
 // Error messages are built with std::string alone, never through c10::str's ostream: a CUDA
 // build on the GPU machine ended up with a private, uninitialised copy of libstdc++'s iostreams
 // in libbabyrt, and formatting a message through it crashed instead of raising.
@@ -77,6 +75,8 @@ at::Tensor swiglu(const at::Tensor& gate_up) {
   return at::silu(gate_up.narrow(-1, 0, H)) * gate_up.narrow(-1, H, H);
 }
 
+}  // namespace
+
 at::Tensor rmsnorm_linear_reference(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
                                     const at::Tensor& w, const OptTensor& scales) {
   return call_linear(rmsnorm(x, norm_weight, eps), w, scales, std::nullopt);
@@ -89,7 +89,7 @@ at::Tensor swiglu_linear_reference(const at::Tensor& gate_up, const at::Tensor& 
 }
 
 // x: [B, T, heads, D], cos/sin: [B, T, D/2]; interleaved pairs as in training/models/layers.py.
-at::Tensor rope_reference(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+static at::Tensor rope_reference(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   const at::Tensor xf = x.to(at::kFloat).unflatten(-1, {-1, 2});
   const at::Tensor x0 = xf.select(-1, 0), x1 = xf.select(-1, 1);
   const at::Tensor c = cos.unsqueeze(2), s = sin.unsqueeze(2);
@@ -146,6 +146,8 @@ at::Tensor attention_reference(const at::Tensor& qkv, const at::Tensor& position
   const at::Tensor y = at::scaled_dot_product_attention(q.transpose(1, 2), keys, values, mask);
   return y.transpose(1, 2).reshape({B, T, H * D});
 }
+
+namespace {
 
 at::Tensor embedding_reference(const at::Tensor& tokens, const at::Tensor& w,
                                const OptTensor& scales, at::ScalarType dtype) {

@@ -18,13 +18,24 @@
 
 namespace babyrt::ops {
 
-at::Tensor linear_reference(const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& scales,
-                            const std::optional<at::Tensor>& residual);
+using OptTensor = std::optional<at::Tensor>;
 
-// Shapes and dtypes of a linear call; throws c10::Error with a message naming the mismatch.
-void check_linear(const at::Tensor& x, const at::Tensor& weight,
-                  const std::optional<at::Tensor>& scales,
-                  const std::optional<at::Tensor>& residual);
+// The ATen references, which device kernels fall back to for shapes they do not cover.
+at::Tensor linear_reference(const at::Tensor& x, const at::Tensor& weight, const OptTensor& scales,
+                            const OptTensor& residual);
+at::Tensor rmsnorm_linear_reference(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
+                                    const at::Tensor& w, const OptTensor& scales);
+at::Tensor swiglu_linear_reference(const at::Tensor& gate_up, const at::Tensor& w,
+                                   const OptTensor& scales, const OptTensor& residual);
+at::Tensor attention_reference(const at::Tensor& qkv, const at::Tensor& positions,
+                               const OptTensor& cos, const OptTensor& sin, at::Tensor& k_cache,
+                               at::Tensor& v_cache, int64_t H, int64_t KV);
+
+// Shapes and dtypes of a call; throw c10::Error with a message naming the mismatch.
+void check_linear(const at::Tensor& x, const at::Tensor& weight, const OptTensor& scales,
+                  const OptTensor& residual);
+void check_attention(const at::Tensor& qkv, const at::Tensor& positions, const OptTensor& cos,
+                     const OptTensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     int64_t H, int64_t KV);
 
 }  // namespace babyrt::ops

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include "backend/backend.h"
+#include "generator/device_loop.h"
 #include "tokenizer/tokenizer.h"
 
 namespace babyrt {
@@ -19,6 +20,7 @@ std::shared_ptr<Model> Model::load(const std::string& artifact_dir, const LoadOp
   topt.sentencepiece = meta.tokenizer_kind == "sentencepiece";
   m->tokenizer_ = std::make_unique<Tokenizer>(Tokenizer::from_file(paths.tokenizer, topt));
   m->backend_ = load_backend(paths, meta, {options.device, options.dtype});
+  m->loops_ = std::make_unique<DeviceLoopPool>(*m->backend_);
   return m;
 }
 
@@ -35,13 +37,18 @@ std::string Model::decode(const std::vector<int32_t>& ids) const { return tokeni
 
 std::unique_ptr<Generation> Model::start(std::string_view prompt,
                                          const GenerateOptions& options) const {
-  return std::make_unique<Generation>(*backend_, *tokenizer_, prompt, options);
+  return std::make_unique<Generation>(*backend_, *tokenizer_, prompt, options, loops_.get());
+}
+
+BatchResult Model::generate_batch(const std::vector<std::string>& prompts,
+                                  const GenerateOptions& options) const {
+  return babyrt::generate_batch(*backend_, *tokenizer_, *loops_, prompts, options);
 }
 
 std::string Model::generate(std::string_view prompt, const GenerateOptions& options,
                             GenerationStats* stats,
                             const std::function<void(std::string_view)>& on_piece) const {
-  Generation g(*backend_, *tokenizer_, prompt, options);
+  Generation g(*backend_, *tokenizer_, prompt, options, loops_.get());
   std::string text, piece;
   while (g.next(piece)) {
     if (on_piece) on_piece(piece);

@@ -15,6 +15,7 @@
 namespace babyrt {
 
 class Backend;
+class DeviceLoopPool;
 class Tokenizer;
 
 struct LoadOptions {
@@ -48,6 +49,10 @@ class Model {
                        GenerationStats* stats = nullptr,
                        const std::function<void(std::string_view)>& on_piece = {}) const;
 
+  // Several prompts at once, each with its own stop (generator.h: generate_batch).
+  BatchResult generate_batch(const std::vector<std::string>& prompts,
+                             const GenerateOptions& options) const;
+
   // Logits for every position of `ids`: the first `prefill` tokens go in one forward call,
   // the rest one at a time through the KV cache. prefill <= 0 means all of them at once.
   Logits logits(const std::vector<int32_t>& ids, int64_t prefill = 0) const;
@@ -57,6 +62,7 @@ class Model {
   Metadata metadata_;
   std::unique_ptr<Tokenizer> tokenizer_;
   std::unique_ptr<Backend> backend_;
+  std::unique_ptr<DeviceLoopPool> loops_;  // after backend_: its loops go first
 };
 
 const char* version();

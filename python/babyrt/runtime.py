@@ -94,6 +94,24 @@ class Model:
         self.last_stats = stats
         return text
 
+    def generate_batch(self, prompts: Sequence[str], max_new_tokens: int = 256,
+                       temperature: float = 0.8, top_k: int = 0, top_p: float = 0.95,
+                       seed: Optional[int] = None,
+                       stop: Union[str, Sequence[str], None] = None) -> list:
+        """Continuations of several prompts, decoded together as one batch (prompts may differ
+        in length); each ends on its own at EOS, a stop string or max_new_tokens. With
+        temperature 0 each text equals generate() on its prompt alone. last_stats becomes a
+        list of per-prompt stats."""
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise ArgumentError("prompts must be a list of str")
+        if len(prompts) == 0:
+            raise ArgumentError("generate_batch needs at least one prompt")
+        checked = [_sampling(p, max_new_tokens, temperature, top_k, top_p, seed, stop)
+                   for p in prompts]
+        texts, stats = self._m.generate_batch([c[0] for c in checked], *checked[0][1:])
+        self.last_stats = stats
+        return texts
+
     def stream(self, prompt: str, max_new_tokens: int = 256, temperature: float = 0.8,
                top_k: int = 0, top_p: float = 0.95, seed: Optional[int] = None,
                stop: Union[str, Sequence[str], None] = None) -> Iterator[str]:
