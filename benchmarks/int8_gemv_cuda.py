@@ -3,6 +3,7 @@ copy bandwidth measured in the same run, for the 1B shape's two FFN matrices.
 
     python benchmarks/int8_gemv_cuda.py [--json OUT]
 
+The kernels launch with programmatic dependent launch; BABYRT_PDL=0 turns it off to compare.
 Each timing is a CUDA-event measurement of a CUDA graph of 200 back-to-back calls (so that
 host launch overhead is out of the picture), cycling through enough copies of the weights
 (> 4x the L2 cache) that every call reads its weights from HBM.
@@ -46,7 +47,8 @@ def main():
     copy_bw = copy_bandwidth("cuda")
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows = []
-    for N, K in [(2048, 5632), (5632, 2048)]:
+    # The last, tiny shape shows the fixed cost of one call (launch, ramp-up, drain).
+    for N, K in [(2048, 5632), (5632, 2048), (64, 256)]:
         n_copies = max(4, 4 * l2 // (N * K) + 1)
         qs = [quantize_weight(torch.randn(N, K, device="cuda")) for _ in range(n_copies)]
         ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(n_copies)]

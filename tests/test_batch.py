@@ -1,5 +1,9 @@
 """Batched generation: several prompts of different lengths decoded together (one cache row
 each), each stopping on its own. Greedy, every text equals a single run of its prompt."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 import babyrt
@@ -71,3 +75,14 @@ def test_batch_rejects_bad_input(gqa_model):
         rt.generate_batch(["ok", "y" * 500], max_new_tokens=4)
     with pytest.raises(babyrt.ArgumentError, match="max_new_tokens"):
         rt.generate_batch(["ok"], max_new_tokens=0)
+
+
+@pytest.mark.skipif(os.environ.get("BABYRT_DEVICE_LOOP") == "1", reason="already running it")
+def test_the_on_device_decode_loop_on_the_cpu():
+    """CUDA decodes through the DeviceLoop (tokens and sampling on the device); forcing that
+    loop on the CPU runs the generation tests through it here too."""
+    here = os.path.dirname(__file__)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        os.path.join(here, "test_generate.py"), __file__],
+                       env={**os.environ, "BABYRT_DEVICE_LOOP": "1"}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:]

@@ -21,6 +21,7 @@ if [[ $what == *tests* || $what == all ]]; then
 fi
 if [[ $what == *int8* || $what == all ]]; then
   python3 "$repo/benchmarks/int8_gemv_cuda.py" --json "$OUT/int8_gemv_cuda.json"
+  BABYRT_PDL=0 python3 "$repo/benchmarks/int8_gemv_cuda.py" | sed 's/^/PDL off: /'
 fi
 if [[ $what == *bench* || $what == all ]]; then
   for shape in ${BENCH_SHAPES:-stories15M stories110M 1b-gqa}; do

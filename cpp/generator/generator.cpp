@@ -156,7 +156,8 @@ struct Generation::Impl {
     if (!prefilled) {
       loop->prefill(0, tokens);
       cached = static_cast<int64_t>(tokens.size());
-      for (int32_t t : loop->advance(0)[0]) ready.push_back(t);
+      const auto made = loop->advance(0);  // named: a temporary's element would dangle
+      ready.assign(made[0].begin(), made[0].end());
       produced = 1;
       steps = 0;
     } else if (ready.empty()) {
@@ -167,7 +168,8 @@ struct Generation::Impl {
         steps = 1;
         return advance_on_host();
       }
-      for (int32_t t : loop->advance(steps)[0]) ready.push_back(t);
+      const auto made = loop->advance(steps);
+      ready.assign(made[0].begin(), made[0].end());
       produced += steps;
       cached = loop->position(0);
     } else {
