@@ -33,7 +33,6 @@ namespace {
 constexpr int kMaxRows = 8;      // rows of x a GEMV takes; more run as a GEMM (cuBLAS)
 constexpr int kWarps = 4;        // warps (output rows) per block
 constexpr int kBatch = 16;       // 16-byte weight chunks per lane in flight at once
-constexpr int64_t kMaxStagedBytes = 48 * 1024;  // act(x) staged in shared memory up to this
 constexpr int kAttnThreads = 128;
 constexpr int kMaxHeadDim = 256;
 constexpr int64_t kMaxAttnSlots = 8192;  // scores of the filled slots live in shared memory
@@ -123,9 +122,7 @@ struct GemvArgs {
 };
 
 // T: dtype of x and y. W: weight element (T, or int8_t with scales S).
-// kStaged: the block first writes act(x) into shared memory as floats (when M x K fits), so
-// the prologue runs once per block and the dot products read x without global-load latency.
-template <typename T, typename W, typename S, Act kAct, bool kStaged>
+template <typename T, typename W, typename S, Act kAct>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
   constexpr int E = 16 / sizeof(W);  // weights per 16-byte chunk
   constexpr bool kQ8 = sizeof(W) == 1;
@@ -179,24 +176,6 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
     }
     __syncthreads();
   }
-  extern __shared__ float4 staged_x[];  // kStaged: act(x), [M, K] floats
-  const float* staged = reinterpret_cast<const float*>(staged_x);
-  if constexpr (kStaged) {
-    float* out = reinterpret_cast<float*>(staged_x);
-    for (int i = threadIdx.x; i < a.M * a.K; i += blockDim.x) {
-      const int m = i / a.K, k = i - m * a.K;
-      float v = to_float(x[m * xs + k]);
-      if constexpr (kAct == Act::kRmsNorm) {
-        v = round_to<T>(round_to<T>(v * inv_rms[m]) * to_float(static_cast<const T*>(a.norm)[k]));
-      } else if constexpr (kAct == Act::kSwiGlu) {
-        const float up = to_float(x[m * xs + a.K + k]);
-        v = round_to<T>(round_to<T>(v / (1.f + __expf(-v))) * up);
-      }
-      out[i] = v;
-    }
-    __syncthreads();
-  }
-
   float acc[kMaxRows];
 #pragma unroll
   for (int m = 0; m < kMaxRows; ++m) acc[m] = 0.f;
@@ -216,29 +195,16 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
           else wf[j] = to_float(wp[j]);
         }
         float g[E];
-        if constexpr (kAct == Act::kRmsNorm && !kStaged)
-          load_floats<T, E>(static_cast<const T*>(a.norm) + k, g);
+        if constexpr (kAct == Act::kRmsNorm) load_floats<T, E>(static_cast<const T*>(a.norm) + k, g);
 #pragma unroll
         for (int m = 0; m < kMaxRows; ++m) {
           if (m >= a.M) break;
           float xv[E];
-          if constexpr (kStaged) {
-            const float4* sp = reinterpret_cast<const float4*>(staged + m * a.K + k);
-#pragma unroll
-            for (int i = 0; i < E / 4; ++i) {
-              const float4 f = sp[i];
-              xv[4 * i] = f.x;
-              xv[4 * i + 1] = f.y;
-              xv[4 * i + 2] = f.z;
-              xv[4 * i + 3] = f.w;
-            }
-          } else {
-            load_floats<T, E>(x + m * xs + k, xv);
-          }
-          if constexpr (!kStaged && kAct == Act::kRmsNorm) {
+          load_floats<T, E>(x + m * xs + k, xv);
+          if constexpr (kAct == Act::kRmsNorm) {
 #pragma unroll
             for (int j = 0; j < E; ++j) xv[j] = round_to<T>(round_to<T>(xv[j] * inv_rms[m]) * g[j]);
-          } else if constexpr (!kStaged && kAct == Act::kSwiGlu) {
+          } else if constexpr (kAct == Act::kSwiGlu) {
             float up[E];
             load_floats<T, E>(x + m * xs + a.K + k, up);
 #pragma unroll
@@ -307,28 +273,16 @@ bool try_gemv(Act act, const at::Tensor& x, const at::Tensor& w, const OptTensor
              static_cast<float>(eps), static_cast<int>(M), static_cast<int>(N),
              static_cast<int>(K), static_cast<int>(group)};
   const dim3 grid((N + kWarps - 1) / kWarps), block(kWarps * 32);
-  const size_t staged_bytes = static_cast<size_t>(M * K) * sizeof(float);
-  const bool staged = staged_bytes <= kMaxStagedBytes;
   const c10::cuda::CUDAGuard guard(x.device());
   dispatch_float(T, [&](auto ttag) {
     using CT = decltype(ttag);
     auto run = [&](auto wtag, auto stag) {
       using WT = decltype(wtag);
       using ST = decltype(stag);
-      auto go = [&](auto kernel_staged, auto kernel_global) {
-        if (staged) launch(kernel_staged, grid, block, staged_bytes, a);
-        else launch(kernel_global, grid, block, 0, a);
-      };
       switch (act) {
-        case Act::kNone:
-          go(gemv_kernel<CT, WT, ST, Act::kNone, true>, gemv_kernel<CT, WT, ST, Act::kNone, false>);
-          break;
-        case Act::kRmsNorm:
-          go(gemv_kernel<CT, WT, ST, Act::kRmsNorm, true>, gemv_kernel<CT, WT, ST, Act::kRmsNorm, false>);
-          break;
-        case Act::kSwiGlu:
-          go(gemv_kernel<CT, WT, ST, Act::kSwiGlu, true>, gemv_kernel<CT, WT, ST, Act::kSwiGlu, false>);
-          break;
+        case Act::kNone: launch(gemv_kernel<CT, WT, ST, Act::kNone>, grid, block, 0, a); break;
+        case Act::kRmsNorm: launch(gemv_kernel<CT, WT, ST, Act::kRmsNorm>, grid, block, 0, a); break;
+        case Act::kSwiGlu: launch(gemv_kernel<CT, WT, ST, Act::kSwiGlu>, grid, block, 0, a); break;
       }
     };
     if (!q8)
