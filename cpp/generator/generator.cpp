@@ -163,8 +163,8 @@ struct Generation::Impl {
     } else if (ready.empty()) {
       steps = std::min({sync_steps(options), options.max_new_tokens - produced,
                         meta.context_length - loop->position(0)});
-      if (steps <= 0) {
-        if (cached < meta.context_length) cached = loop->position(0);
+      if (steps <= 0) {  // the context is full (steps left would have ended the generation)
+        cached = loop->position(0);
         steps = 1;
         return advance_on_host();
       }
