@@ -13,6 +13,10 @@ def test_babyrt_run_generates_and_reports_speed(gqa_model):
     expected = babyrt.load(art).generate("Return the", max_new_tokens=30, temperature=0)
     assert r.stdout == expected + "\n"
     assert "tok/s" in r.stderr and "generated 30 tokens" in r.stderr
+    # --repeat: the text once, then the median speed of more silent runs
+    r = run_cli("babyrt-run", art, "-p", "Return the", "-n", "30", "-t", "0", "--repeat", "3")
+    assert r.returncode == 0 and r.stdout == expected + "\n"
+    assert "median of 3 runs" in r.stderr
 
 
 def test_babyrt_run_sampling_flags_match_python(gqa_model):
@@ -30,6 +34,7 @@ def test_babyrt_run_sampling_flags_match_python(gqa_model):
     (["{art}"], 2, "missing -p"),
     (["{art}", "-p", "x", "-n", "ten"], 2, "-n expects a number"),
     (["{art}", "-p", "x", "--bogus"], 2, "unknown option"),
+    (["{art}", "-p", "x", "--repeat", "-2"], 2, "--repeat must be"),
     (["{art}", "-p", "x", "-t", "-1"], 1, "temperature"),
     (["{art}", "-p", "x", "--top-p", "2"], 1, "top_p"),
     (["{art}", "-p", "x" * 100], 1, "context holds"),

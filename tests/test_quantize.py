@@ -123,15 +123,17 @@ def test_cli_export_int8(tmp_path, corpus_file):
     assert bad.returncode != 0 and "group-size" in bad.stderr
 
 
-def test_bench_reports_both_variants_and_the_eager_peer(tmp_path):
+def test_bench_reports_both_variants_and_its_peers(tmp_path):
     out = tmp_path / "bench.json"
     r = run_cli("babyrt", "bench", "--shape", "stories15M", "--quantize", "int8", "--new-tokens", "8",
-                "--repeat", "1", "--peers", "eager,hf", "--json", out, "--plot", tmp_path / "bench.png")
+                "--repeat", "1", "--peers", "cli,eager,hf", "--json", out, "--plot", tmp_path / "bench.png")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     rows = {(x["runtime"], x["quantization"]): x for x in res["rows"]}
     assert set(rows) == {("babyrt", "none"), ("babyrt", "int8"), ("PyTorch eager loop", "none"),
-                         ("HF transformers generate", "none")}
+                         ("HF transformers generate", "none"), ("babyrt-run (C++ CLI)", "none"),
+                         ("babyrt-run (C++ CLI)", "int8")}
+    assert rows[("babyrt-run (C++ CLI)", "int8")]["tg_tok_s"] > 0
     fp32, q8 = rows[("babyrt", "none")], rows[("babyrt", "int8")]
     assert q8["weight_bytes"] < fp32["weight_bytes"] / 3  # int8 reads about a quarter
     assert fp32["tg_tok_s"] > 0 and fp32["new_tokens"] == 8 and res["copy_gb_s"] > 0

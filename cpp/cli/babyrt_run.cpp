@@ -1,13 +1,16 @@
 // babyrt-run: generate text from an artifact on the command line.
 //   babyrt-run ARTIFACT -p PROMPT -n N [-t T] [-k K] [--top-p P] [--seed S] [--stop STR]...
-//              [--device cpu|cuda] [--dtype fp32|bf16|fp16]
-// Prints the text as it is made, then a tok/s line on stderr. Exit 0 on success, 1 on a
+//              [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--repeat R]
+// Prints the text as it is made, then a tok/s line on stderr (with --repeat, the medians of R
+// more silent runs after the printed one, which warms up; as babyrt bench measures). Exit 0 on success, 1 on a
 // runtime error, 2 on a usage error; errors are one line on stderr.
+#include <algorithm>
 #include <charconv>
 #include <cstdio>
 #include <cstring>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "runtime/model.h"
 
@@ -21,7 +24,8 @@ constexpr const char* kUsage =
     "  -k K          top-k, 0 = off (default 0)\n"
     "  --top-p P     nucleus sampling in (0, 1], 1 = off (default 0.95)\n"
     "  --seed S      random seed (default: from the system)\n"
-    "  --stop STR    stop before this text (repeatable)\n";
+    "  --stop STR    stop before this text (repeatable)\n"
+    "  --repeat R    then run R more times silently and report the median speeds\n";
 
 struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -37,6 +41,14 @@ T parse_number(const char* flag, const char* text) {
   return value;
 }
 
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+double rate(double count, double seconds) { return seconds > 0 ? count / seconds : 0; }
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -44,6 +56,7 @@ int main(int argc, char** argv) {
   bool have_prompt = false, have_seed = false;
   babyrt::GenerateOptions options;
   babyrt::LoadOptions load;
+  int64_t repeat = 0;
   try {
     for (int i = 1; i < argc; ++i) {
       const std::string a = argv[i];
@@ -74,6 +87,9 @@ int main(int argc, char** argv) {
         load.device = value();
       } else if (a == "--dtype") {
         load.dtype = value();
+      } else if (a == "--repeat") {
+        repeat = parse_number<int64_t>("--repeat", value());
+        if (repeat < 0 || repeat > 1000) throw UsageError("--repeat must be in [0, 1000]");
       } else if (!a.empty() && a[0] == '-') {
         throw UsageError("unknown option " + a);
       } else if (artifact.empty()) {
@@ -99,13 +115,24 @@ int main(int argc, char** argv) {
     });
     std::fputc('\n', stdout);
     std::fflush(stdout);
-    const double pp = stats.prefill_seconds > 0 ? stats.prompt_tokens / stats.prefill_seconds : 0;
-    const double tg = stats.decode_seconds > 0 ? stats.decode_steps / stats.decode_seconds : 0;
+    double pp = rate(stats.prompt_tokens, stats.prefill_seconds);
+    double tg = rate(stats.decode_steps, stats.decode_seconds);
+    if (repeat > 0) {
+      std::vector<double> pps, tgs;
+      for (int64_t r = 0; r < repeat; ++r) {
+        model->generate(prompt, options, &stats);
+        pps.push_back(rate(stats.prompt_tokens, stats.prefill_seconds));
+        tgs.push_back(rate(stats.decode_steps, stats.decode_seconds));
+      }
+      pp = median(pps);
+      tg = median(tgs);
+    }
     std::fprintf(stderr,
-                 "prompt %lld tokens, %.1f tok/s | generated %lld tokens, %.1f tok/s | %s | %s %s\n",
+                 "prompt %lld tokens, %.1f tok/s | generated %lld tokens, %.1f tok/s | %s | %s %s%s\n",
                  static_cast<long long>(stats.prompt_tokens), pp,
                  static_cast<long long>(stats.generated_tokens), tg, stats.finish_reason.c_str(),
-                 model->device().c_str(), model->dtype().c_str());
+                 model->device().c_str(), model->dtype().c_str(),
+                 repeat > 0 ? (" | median of " + std::to_string(repeat) + " runs").c_str() : "");
   } catch (const std::exception& e) {
     std::fprintf(stderr, "babyrt-run: error: %s\n", e.what());
     return 1;

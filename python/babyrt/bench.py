@@ -96,6 +96,29 @@ def run_babyrt(artifact_dir, device: str, dtype: Optional[str], new_tokens: int,
             "new_tokens": s["generated_tokens"]}
 
 
+def run_cli(artifact_dir, device: str, dtype: Optional[str], new_tokens: int,
+            repeat: int) -> Optional[dict]:
+    """babyrt-run, the C++ binary, on the same artifact and settings (its --repeat reports the
+    medians of `repeat` runs after a warm-up, as run_babyrt does). None when it is not installed."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "babyrt-run"
+    exe = str(exe) if exe.exists() else shutil.which("babyrt-run")
+    if exe is None:
+        return None
+    cmd = [exe, str(artifact_dir), "-p", PROMPT, "-n", str(new_tokens), "-t", "0",
+           "--device", device, "--repeat", str(repeat)] + (["--dtype", dtype] if dtype else [])
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    m = re.search(r"prompt \d+ tokens, ([\d.]+) tok/s \| generated \d+ tokens, ([\d.]+) tok/s",
+                  r.stderr)
+    if r.returncode != 0 or m is None:
+        raise RuntimeError(f"babyrt-run failed: {r.stderr.strip()[-500:]}")
+    return {"pp_tok_s": float(m[1]), "tg_tok_s": float(m[2])}
+
+
 def _static_cache(m, device: str, dtype: torch.dtype) -> tuple:
     c = m.cfg
     k = torch.zeros((c.n_layers, 1, c.n_kv_heads, c.context_length, c.head_dim), device=device,
@@ -193,7 +216,8 @@ def run_hf(artifact_dir, device: str, dtype: torch.dtype, new_tokens: int, repea
 def bench(artifact: Optional[str] = None, shape: Optional[str] = None, device: str = "cpu",
           dtype: Optional[str] = None, quantize: bool = False, group_size: Optional[int] = None,
           new_tokens: int = 256, repeat: int = 3, peers=("eager",)) -> dict:
-    """peers: any of "eager", "compile", "hf" (run on --shape models only)."""
+    """peers: any of "cli" (babyrt-run, the C++ binary, on every variant), and "eager",
+    "compile", "hf" (on --shape models only)."""
     from .artifact import read_metadata
     from .export import DTYPES, export_model
     from .quantize import QuantConfig
@@ -225,6 +249,15 @@ def bench(artifact: Optional[str] = None, shape: Optional[str] = None, device: s
                          "weight_bytes": wb, **r, "ms_per_token": 1e3 / r["tg_tok_s"],
                          "weight_gb_s": wb * r["tg_tok_s"] / 1e9,
                          "pct_copy_bw": 100 * wb * r["tg_tok_s"] / bw})
+            if "cli" in peers:
+                r = run_cli(path, device, dt, new_tokens, repeat)
+                if r is not None:
+                    rows.append({"runtime": "babyrt-run (C++ CLI)", "model": name, "device": device,
+                                 "dtype": dt or md["dtype"], "quantization": md["quantization"],
+                                 "weight_bytes": wb, **r, "ms_per_token": 1e3 / r["tg_tok_s"],
+                                 "weight_gb_s": wb * r["tg_tok_s"] / 1e9,
+                                 "pct_copy_bw": 100 * wb * r["tg_tok_s"] / bw})
+        peers = [p for p in peers if p != "cli"]
         if peers and model is not None:
             tdtype = DTYPES[fdtype]
             prompt_ids = [ord(ch) - 32 for ch in PROMPT]
@@ -279,9 +312,9 @@ def main(a) -> None:
     if not a.artifact and not a.shape:
         raise ValueError("give an ARTIFACT_DIR or --shape")
     peers = [] if a.no_peers else [p for p in a.peers.split(",") if p]
-    unknown = set(peers) - {"eager", "compile", "hf"}
+    unknown = set(peers) - {"cli", "eager", "compile", "hf"}
     if unknown:
-        raise ValueError(f"unknown peers {sorted(unknown)}: choose from eager, compile, hf")
+        raise ValueError(f"unknown peers {sorted(unknown)}: choose from cli, eager, compile, hf")
     result = bench(a.artifact, a.shape, a.device, a.dtype, a.quantize == "int8", a.group_size,
                    a.new_tokens, a.repeat, peers)
     print(table(result))

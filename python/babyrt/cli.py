@@ -199,10 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--group-size", type=int, choices=[32, 64, 128])
     b.add_argument("--new-tokens", type=int, default=256)
     b.add_argument("--repeat", type=int, default=3, help="timed runs (median) after one warm-up")
-    b.add_argument("--peers", default="eager,hf",
-                   help="comma-separated peers run on the same weights: eager (Python loop, "
-                        "static KV cache), compile (torch.compile, reduce-overhead on CUDA), hf "
-                        "(transformers generate, when installed)")
+    b.add_argument("--peers", default="cli,eager,hf",
+                   help="comma-separated peers run on the same weights: cli (babyrt-run, the "
+                        "C++ binary, same artifact), eager (Python loop, static KV cache), "
+                        "compile (torch.compile, reduce-overhead on CUDA), hf (transformers "
+                        "generate, when installed)")
     b.add_argument("--no-peers", action="store_true", help="skip the peers")
     b.add_argument("--json", help="write the results here")
     b.add_argument("--plot", help="write a bar chart PNG here")
