@@ -174,58 +174,86 @@ BABYRT_AVX512 void gemv_q8_avx512(const int8_t* W, const float* scales, int64_t 
   }
 }
 
-// int8 weights times activations quantized to int16 (one scale for the row of x, so the error
-// is at most 2^-16 of max|x| per element): VPDPWSSD does 32 multiply-adds per instruction,
-// where widening int8 to fp32 costs three instructions per 16. int32 partial sums are moved
-// into fp32 every 256 columns, so they cannot overflow for any K.
-BABYRT_VNNI inline __m512i wload(const int8_t* p) {
-  return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+// int8 weights times activations quantized to int8, with one scale per block of x: the blocks
+// are the runs of up to 256 columns inside each weight group, so a block's error is at most half
+// a step of its own max|x| / 127. VPDPBUSD does 64 multiply-adds per instruction and needs no
+// widening (int16 activations cost a widen per 32 weights: 1.5-1.75x slower from cache). Its
+// first operand is unsigned: the weights go in as w + 128 (an XOR), and the 128 * sum(xq) this
+// adds is taken off once per group, the same for every row. Partial sums stay within int32: at
+// most 256 x 255 x 127 per block.
+constexpr int64_t kXBlock = 256;
+
+BABYRT_VNNI inline __mmask64 byte_mask(int64_t left) {
+  return left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
 }
 
 BABYRT_VNNI void gemv_q8_vnni(const int8_t* W, const float* scales, int64_t group, const float* x,
                               const float* residual, float* y, int64_t K, int64_t n0, int64_t n1,
                               bool stream) {
-  thread_local std::vector<int16_t> xq_buf;
+  const int64_t G = K / group, blocks_per_group = (group + kXBlock - 1) / kXBlock;
+  thread_local std::vector<int8_t> xq_buf;
+  thread_local std::vector<float> block_scale, group_shift;
   xq_buf.resize(K);
-  int16_t* xq = xq_buf.data();
-  __m512 mx = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
-  const float amax = _mm512_reduce_max_ps(mx);
-  const float x_scale = amax > 0 ? amax / 32767.0f : 1.0f;
-  const __m512 inv = _mm512_set1_ps(1.0f / x_scale);
-  for (int64_t k = 0; k < K; k += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + k),
-                        _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv))));
-  const int64_t G = K / group;
+  block_scale.resize(G * blocks_per_group);
+  group_shift.resize(G);
+  int8_t* xq = xq_buf.data();
+  for (int64_t g = 0; g < G; ++g) {
+    float shift = 0;
+    for (int64_t j = 0; j < blocks_per_group; ++j) {
+      const int64_t c0 = g * group + j * kXBlock, c1 = std::min((g + 1) * group, c0 + kXBlock);
+      __m512 mx = _mm512_setzero_ps();
+      for (int64_t k = c0; k < c1; k += 16)
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(c1 - k), x + k)));
+      const float amax = _mm512_reduce_max_ps(mx);
+      const float step = amax > 0 ? amax / 127.0f : 1.0f;
+      const __m512 inv = _mm512_set1_ps(1.0f / step);
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t k = c0; k < c1; k += 16) {
+        const __mmask16 m = tail_mask(c1 - k);
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k), inv));
+        sum = _mm512_add_epi32(sum, q);
+        _mm_mask_storeu_epi8(xq + k, m, _mm512_cvtsepi32_epi8(q));
+      }
+      block_scale[g * blocks_per_group + j] = step;
+      shift += 128.0f * step * static_cast<float>(_mm512_reduce_add_epi32(sum));
+    }
+    group_shift[g] = shift;
+  }
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t n = n0; n < n1; n += 4) {
     const int rows = static_cast<int>(std::min<int64_t>(4, n1 - n));
     const int8_t* w[4];
     for (int r = 0; r < 4; ++r) w[r] = W + (n + std::min(r, rows - 1)) * K;  // pad with the last row
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    float shift[4] = {0, 0, 0, 0};
     for (int64_t g = 0; g < G; ++g) {
       __m512 part[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-      const int64_t end = (g + 1) * group;
-      for (int64_t c0 = g * group; c0 < end; c0 += 256) {
-        const int64_t c1 = std::min(end, c0 + 256);
+      for (int64_t j = 0; j < blocks_per_group; ++j) {
+        const int64_t c0 = g * group + j * kXBlock, c1 = std::min((g + 1) * group, c0 + kXBlock);
         __m512i i0 = _mm512_setzero_si512(), i1 = i0, i2 = i0, i3 = i0;
-        for (int64_t k = c0; k < c1; k += 32) {
-          if ((k & 63) == 0) prefetch_rows(W + n * K, K, k, stream);
-          const __m512i xv = _mm512_loadu_si512(xq + k);
-          i0 = _mm512_dpwssd_epi32(i0, wload(w[0] + k), xv);
-          i1 = _mm512_dpwssd_epi32(i1, wload(w[1] + k), xv);
-          i2 = _mm512_dpwssd_epi32(i2, wload(w[2] + k), xv);
-          i3 = _mm512_dpwssd_epi32(i3, wload(w[3] + k), xv);
+        for (int64_t k = c0; k < c1; k += 64) {
+          prefetch_rows(W + n * K, K, k, stream);
+          const __mmask64 m = byte_mask(c1 - k);
+          const __m512i xv = _mm512_maskz_loadu_epi8(m, xq + k);  // masked-off lanes: x = 0
+          i0 = _mm512_dpbusd_epi32(i0, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[0] + k), flip), xv);
+          i1 = _mm512_dpbusd_epi32(i1, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[1] + k), flip), xv);
+          i2 = _mm512_dpbusd_epi32(i2, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[2] + k), flip), xv);
+          i3 = _mm512_dpbusd_epi32(i3, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[3] + k), flip), xv);
         }
-        part[0] = _mm512_add_ps(part[0], _mm512_cvtepi32_ps(i0));
-        part[1] = _mm512_add_ps(part[1], _mm512_cvtepi32_ps(i1));
-        part[2] = _mm512_add_ps(part[2], _mm512_cvtepi32_ps(i2));
-        part[3] = _mm512_add_ps(part[3], _mm512_cvtepi32_ps(i3));
+        const __m512 step = _mm512_set1_ps(block_scale[g * blocks_per_group + j]);
+        part[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), step, part[0]);
+        part[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), step, part[1]);
+        part[2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i2), step, part[2]);
+        part[3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i3), step, part[3]);
       }
-      for (int r = 0; r < 4; ++r)
-        acc[r] = _mm512_fmadd_ps(part[r], _mm512_set1_ps(scales[(n + std::min(r, rows - 1)) * G + g]), acc[r]);
+      for (int r = 0; r < 4; ++r) {
+        const float s = scales[(n + std::min(r, rows - 1)) * G + g];
+        acc[r] = _mm512_fmadd_ps(part[r], _mm512_set1_ps(s), acc[r]);
+        shift[r] += s * group_shift[g];
+      }
     }
     for (int r = 0; r < rows; ++r)
-      y[n + r] = _mm512_reduce_add_ps(acc[r]) * x_scale + (residual ? residual[n + r] : 0.f);
+      y[n + r] = _mm512_reduce_add_ps(acc[r]) - shift[r] + (residual ? residual[n + r] : 0.f);
   }
 }
 
@@ -317,7 +345,7 @@ void gemv_q8(const int8_t* W, const float* scales, int64_t group, const float* x
              const float* residual, float* y, int64_t K, int64_t n0, int64_t n1, bool stream) {
   switch (kIsa) {
     case Isa::kAvx512Vnni:
-      if (K % 32 == 0 && group % 32 == 0)
+      if (group % 16 == 0)
         return gemv_q8_vnni(W, scales, group, x, residual, y, K, n0, n1, stream);
       [[fallthrough]];
     case Isa::kAvx512: return gemv_q8_avx512(W, scales, group, x, residual, y, K, n0, n1, stream);
