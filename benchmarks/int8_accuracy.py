@@ -1,10 +1,15 @@
 """Validation loss of a babyrt checkpoint in fp32 and with int8 weights (per output channel and
 group-wise), through the same modules and ops the artifact runs.
 
-    python benchmarks/int8_accuracy.py CHECKPOINT_DIR [--max-windows N] [--json OUT]
+    python benchmarks/int8_accuracy.py CHECKPOINT_DIR [--max-windows N] [--kernel-path] [--json OUT]
 
 The loss is the mean next-token cross-entropy over consecutive, non-overlapping windows of one
 context each covering the checkpoint's validation split (the same split training used).
+Windows of a context run as the ATen reference (dequantize, then matmul: more rows than the GEMV
+kernels take). --kernel-path scores 64-token windows one at a time instead, so that every linear
+runs the decode kernels (on the CPU: int8 activations per block of 256), and the same windows
+batched through the reference beside them: the difference is what the kernels' activation
+rounding costs.
 """
 import argparse
 import json
@@ -49,10 +54,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint")
     ap.add_argument("--max-windows", type=int, default=2000)
+    ap.add_argument("--kernel-path", action="store_true",
+                    help="64-token windows one at a time (decode kernels) beside the reference")
     ap.add_argument("--json")
     a = ap.parse_args()
     model, config = load_checkpoint(a.checkpoint)
     data, T, n = val_windows(Path(a.checkpoint), config, a.max_windows)
+    if a.kernel_path:
+        n, T = n * T // 64, 64
+    paths = {"kernels": 1, "reference": 16} if a.kernel_path else {"": 16}
     rows = []
     for name, quant in SCHEMES.items():
         try:
@@ -60,9 +70,12 @@ def main():
         except ValueError as e:  # a group size that does not divide some layer
             print(f"{name}: skipped ({e})")
             continue
-        loss = val_loss(m, data, T, n)
-        rows.append({"scheme": name, "val_loss": loss, "delta": loss - rows[0]["val_loss"] if rows else 0.0})
-        print(f"{name}: val loss {loss:.4f} ({rows[-1]['delta']:+.4f} nats), {n * T:,} tokens")
+        for path, batch in paths.items():
+            label = f"{name} ({path})" if path else name
+            loss = val_loss(m, data, T, n, batch)
+            base = next((r["val_loss"] for r in rows if r["scheme"].startswith("fp32")), loss)
+            rows.append({"scheme": label, "val_loss": loss, "delta": loss - base})
+            print(f"{label}: val loss {loss:.4f} ({rows[-1]['delta']:+.4f} nats), {n * T:,} tokens")
     if a.json:
         Path(a.json).write_text(json.dumps({"checkpoint": a.checkpoint, "tokens": n * T, "rows": rows}, indent=1))
 

@@ -17,8 +17,9 @@ void gemv_f32(const float* W, const float* x, const float* residual, float* y, i
               int64_t n0, int64_t n1, bool stream);
 
 // Same with int8 weights and one float scale per group of `group` columns:
-// scales is [N, K / group]; group divides K. With AVX512-VNNI (K and group multiples of 32)
-// x is quantized to int16 first, which changes results by at most ~1e-5 relative.
+// scales is [N, K / group]; group divides K. With AVX512-VNNI (group a multiple of 16) x is
+// quantized to int8 per block of up to 256 columns first: each block's error is at most half a
+// step of its max|x| / 127.
 void gemv_q8(const int8_t* W, const float* scales, int64_t group, const float* x,
              const float* residual, float* y, int64_t K, int64_t n0, int64_t n1, bool stream);
 
