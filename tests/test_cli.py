@@ -19,6 +19,15 @@ def test_babyrt_run_generates_and_reports_speed(gqa_model):
     assert "median of 3 runs" in r.stderr
 
 
+def test_babyrt_run_decodes_several_prompts_as_a_batch(gqa_model):
+    art = gqa_model[1]
+    r = run_cli("babyrt-run", art, "-p", "Return the", "-p", "A", "-n", "12", "-t", "0")
+    assert r.returncode == 0, r.stderr
+    want = babyrt.load(art).generate_batch(["Return the", "A"], max_new_tokens=12, temperature=0)
+    assert r.stdout == f"--- 0\n{want[0]}\n--- 1\n{want[1]}\n"
+    assert "batch of 2: generated 24 tokens" in r.stderr
+
+
 def test_babyrt_run_sampling_flags_match_python(gqa_model):
     art = gqa_model[1]
     r = run_cli("babyrt-run", art, "-p", "Return", "-n", "25", "-t", "0.9", "-k", "30",

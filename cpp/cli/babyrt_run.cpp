@@ -1,5 +1,6 @@
-// babyrt-run: generate text from an artifact on the command line.
-//   babyrt-run ARTIFACT -p PROMPT -n N [-t T] [-k K] [--top-p P] [--seed S] [--stop STR]...
+// babyrt-run: generate text from an artifact on the command line. Several -p decode together
+// as one batch; their texts are printed in order, each after a "--- i" line.
+//   babyrt-run ARTIFACT -p PROMPT [-p PROMPT]... -n N [-t T] [-k K] [--top-p P] [--seed S] [--stop STR]...
 //              [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--repeat R]
 // Prints the text as it is made, then a tok/s line on stderr (with --repeat, the medians of R
 // more silent runs after the printed one, which warms up; as babyrt bench measures). Exit 0 on success, 1 on a
@@ -19,6 +20,7 @@ namespace {
 constexpr const char* kUsage =
     "usage: babyrt-run ARTIFACT_DIR -p PROMPT [-n N] [-t TEMPERATURE] [-k TOP_K] [--top-p P]\n"
     "                  [--seed S] [--stop STRING]... [--device cpu|cuda] [--dtype fp32|bf16|fp16]\n"
+    "  -p PROMPT     the prompt; give several to decode them as one batch\n"
     "  -n N          new tokens to generate (default 256)\n"
     "  -t T          temperature, 0 = greedy (default 0.8)\n"
     "  -k K          top-k, 0 = off (default 0)\n"
@@ -52,8 +54,9 @@ double rate(double count, double seconds) { return seconds > 0 ? count / seconds
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string artifact, prompt;
-  bool have_prompt = false, have_seed = false;
+  std::string artifact;
+  std::vector<std::string> prompts;
+  bool have_seed = false;
   babyrt::GenerateOptions options;
   babyrt::LoadOptions load;
   int64_t repeat = 0;
@@ -68,8 +71,7 @@ int main(int argc, char** argv) {
         std::fputs(kUsage, stdout);
         return 0;
       } else if (a == "-p" || a == "--prompt") {
-        prompt = value();
-        have_prompt = true;
+        prompts.emplace_back(value());
       } else if (a == "-n") {
         options.max_new_tokens = parse_number<int64_t>("-n", value());
       } else if (a == "-t") {
@@ -99,7 +101,7 @@ int main(int argc, char** argv) {
       }
     }
     if (artifact.empty()) throw UsageError("missing ARTIFACT_DIR");
-    if (!have_prompt) throw UsageError("missing -p PROMPT");
+    if (prompts.empty()) throw UsageError("missing -p PROMPT");
   } catch (const UsageError& e) {
     std::fprintf(stderr, "babyrt-run: error: %s\n%s", e.what(), kUsage);
     return 2;
@@ -108,6 +110,22 @@ int main(int argc, char** argv) {
 
   try {
     auto model = babyrt::Model::load(artifact, load);
+    if (prompts.size() > 1) {
+      const babyrt::BatchResult r = model->generate_batch(prompts, options);
+      int64_t made = 0;
+      for (size_t i = 0; i < r.texts.size(); ++i) {
+        std::printf("--- %zu\n%s\n", i, r.texts[i].c_str());
+        made += r.stats[i].generated_tokens;
+      }
+      std::fflush(stdout);
+      const auto& s = r.stats[0];
+      std::fprintf(stderr, "batch of %zu: generated %lld tokens, %.1f tok/s in all | %s %s\n",
+                   prompts.size(), static_cast<long long>(made),
+                   rate(static_cast<double>(made), s.prefill_seconds + s.decode_seconds),
+                   model->device().c_str(), model->dtype().c_str());
+      return 0;
+    }
+    const std::string& prompt = prompts[0];
     babyrt::GenerationStats stats;
     model->generate(prompt, options, &stats, [](std::string_view piece) {
       std::fwrite(piece.data(), 1, piece.size(), stdout);
