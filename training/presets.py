@@ -6,6 +6,12 @@ on val); see README's seed table for what they reach."""
 _SEED_TRAIN = {"batch_size": 64, "max_steps": 6000, "learning_rate": 1e-3, "warmup_steps": 200,
                "weight_decay": 0.1, "eval_interval": 250, "eval_iters": 50, "val_fraction": 0.2}
 
+def _task_models(n_layers: int, n_kv_heads: int, context_length: int) -> dict:
+    """The task presets' models: LLaMA 2 and BabyGPT of one size (dim 128, 4 heads)."""
+    shape = {"dim": 128, "n_layers": n_layers, "n_heads": 4, "context_length": context_length}
+    return {"llama2": {**shape, "n_kv_heads": n_kv_heads, "multiple_of": 32}, "babygpt": shape}
+
+
 PRESETS = {
     # babyrt demo: a small char-level LLaMA 2 that trains in about two minutes on 2 CPU cores.
     "demo": {
@@ -64,10 +70,7 @@ PRESETS = {
     # and chain-of-thought addition share model size and steps, so they compare directly.
     "task-add": {
         "model_name": "llama2",
-        "model_by_name": {
-            "llama2": {"dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2,
-                       "context_length": 64, "multiple_of": 32},
-            "babygpt": {"dim": 128, "n_layers": 4, "n_heads": 4, "context_length": 64}},
+        "model_by_name": _task_models(n_layers=4, n_kv_heads=2, context_length=64),
         "train": {"batch_size": 64, "max_steps": 2000, "learning_rate": 2e-3, "warmup_steps": 100,
                   "weight_decay": 0.1, "eval_interval": 250, "eval_iters": 10, "val_fraction": 0.05},
     },
@@ -78,10 +81,7 @@ PRESETS = {
     "task-cot-add": None,  # filled below: the same as task-add
     "task-mod-add": {
         "model_name": "llama2",
-        "model_by_name": {
-            "llama2": {"dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 4,
-                       "context_length": 16, "multiple_of": 32},
-            "babygpt": {"dim": 128, "n_layers": 2, "n_heads": 4, "context_length": 16}},
+        "model_by_name": _task_models(n_layers=2, n_kv_heads=4, context_length=16),
         "train": {"batch_size": 256, "max_steps": 1500, "learning_rate": 1e-3, "warmup_steps": 100,
                   "weight_decay": 1.0, "beta2": 0.98, "min_lr_ratio": 1.0, "eval_interval": 250,
                   "eval_iters": 5, "val_fraction": 0.05},

@@ -69,7 +69,61 @@ class TextStream {
   std::string held_;
 };
 
-int64_t sync_steps(const GenerateOptions& o) { return std::max<int64_t>(1, o.sync_every); }
+const GenerateOptions& validated(const GenerateOptions& o) {
+  validate(o);
+  return o;
+}
+
+// The prompt's ids; `name` ("the prompt", "prompt 3") starts the error messages.
+std::vector<int32_t> encode_prompt(const Tokenizer& tokenizer, const Metadata& meta,
+                                   std::string_view prompt, const std::string& name) {
+  std::vector<int32_t> ids = tokenizer.encode(prompt, meta.add_bos);
+  if (ids.empty())
+    throw ArgumentError(name + " is empty and this model has no BOS token to start from");
+  if (meta.cache_kind == "kv" && static_cast<int64_t>(ids.size()) > meta.context_length)
+    throw ArgumentError(name + " is " + std::to_string(ids.size()) +
+                        " tokens; the model's context holds " + std::to_string(meta.context_length));
+  return ids;
+}
+
+// One sequence: its tokens, their text, and where it ends (EOS, a stop string, max_new_tokens).
+struct Sequence {
+  Sequence(const Tokenizer& tokenizer, const Metadata& meta, const GenerateOptions& options,
+           std::vector<int32_t> prompt)
+      : tokens(std::move(prompt)), text(tokenizer, options.stop), eos_id(meta.eos_id),
+        max_new_tokens(options.max_new_tokens) {
+    stats.prompt_tokens = static_cast<int64_t>(tokens.size());
+  }
+
+  // Takes the next generated token; its text, less what may begin a stop string, goes to out.
+  void accept(int32_t next, std::string& out) {
+    if (next == eos_id) return finish("eos");
+    const int32_t prev = tokens.back();
+    tokens.push_back(next);
+    ++stats.generated_tokens;
+    if (text.push(prev, next, out)) {
+      finished = true;
+      stats.finish_reason = "stop";
+    } else if (stats.generated_tokens >= max_new_tokens) {
+      finish("length");
+    }
+  }
+
+  // Ends the sequence; what text is left goes to `tail`.
+  void finish(const char* reason) {
+    finished = true;
+    stats.finish_reason = reason;
+    tail = text.finish();
+  }
+
+  std::vector<int32_t> tokens;  // prompt and generated ids
+  TextStream text;
+  int32_t eos_id;
+  int64_t max_new_tokens;
+  bool finished = false;
+  std::string tail;  // text left to hand out after finishing
+  GenerationStats stats;
+};
 
 }  // namespace
 
@@ -77,36 +131,23 @@ struct Generation::Impl {
   using Clock = std::chrono::steady_clock;
 
   const Backend& backend;
-  const Tokenizer& tokenizer;
   const Metadata& meta;
   GenerateOptions options;
   Sampler sampler;
   std::shared_ptr<DeviceLoop> loop;  // on-device decoding; null: the host samples
   KVCache own_cache;
   KVCache* cache = &own_cache;
-  std::vector<int32_t> tokens;
+  Sequence seq;
+  std::vector<int32_t>& tokens = seq.tokens;
+  GenerationStats& stats = seq.stats;
   std::deque<int32_t> ready;  // tokens the device made that were not handed out yet
-  int64_t produced = 0;       // tokens the device made (handed out or not)
   int64_t cached = 0;  // tokens whose K/V sit in the cache, at positions [0, cached)
   bool prefilled = false;
-  bool finished = false;
-  TextStream text;
-  std::string tail;  // text left to hand out after finishing
-  GenerationStats stats;
 
   Impl(const Backend& b, const Tokenizer& t, std::string_view prompt, const GenerateOptions& o,
        DeviceLoopPool* loops)
-      : backend(b), tokenizer(t), meta(b.metadata()), options(o), sampler(o.sampling),
-        text(t, options.stop) {
-    validate(o);
-    tokens = tokenizer.encode(prompt, meta.add_bos);
-    if (tokens.empty())
-      throw ArgumentError("the prompt is empty and this model has no BOS token to start from");
-    if (meta.cache_kind == "kv" && static_cast<int64_t>(tokens.size()) > meta.context_length)
-      throw ArgumentError("the prompt is " + std::to_string(tokens.size()) +
-                          " tokens; the model's context holds " +
-                          std::to_string(meta.context_length));
-    stats.prompt_tokens = static_cast<int64_t>(tokens.size());
+      : backend(b), meta(b.metadata()), options(validated(o)), sampler(o.sampling),
+        seq(t, meta, options, encode_prompt(t, meta, prompt, "the prompt")) {
     if (loops && decodes_on_device(backend)) {
       loop = loops->acquire(1, options.sampling);
       cache = &loop->cache();
@@ -155,13 +196,12 @@ struct Generation::Impl {
   int32_t advance_on_device(int64_t& steps) {
     if (!prefilled) {
       loop->prefill(0, tokens);
-      cached = static_cast<int64_t>(tokens.size());
       const auto made = loop->advance(0);  // named: a temporary's element would dangle
       ready.assign(made[0].begin(), made[0].end());
-      produced = 1;
       steps = 0;
     } else if (ready.empty()) {
-      steps = std::min({sync_steps(options), options.max_new_tokens - produced,
+      // Every token made so far has been handed out (an EOS would have ended the generation).
+      steps = std::min({options.sync_every, options.max_new_tokens - stats.generated_tokens,
                         meta.context_length - loop->position(0)});
       if (steps <= 0) {  // the context is full (steps left would have ended the generation)
         cached = loop->position(0);
@@ -170,8 +210,6 @@ struct Generation::Impl {
       }
       const auto made = loop->advance(steps);
       ready.assign(made[0].begin(), made[0].end());
-      produced += steps;
-      cached = loop->position(0);
     } else {
       steps = 0;
     }
@@ -195,25 +233,7 @@ struct Generation::Impl {
     return next;
   }
 
-  void finish(const char* reason) {
-    finished = true;
-    stats.finish_reason = reason;
-    tail = text.finish();
-  }
-
-  void step(std::string& out) {
-    const int32_t next = advance();
-    if (next == meta.eos_id) return finish("eos");
-    const int32_t prev = tokens.back();
-    tokens.push_back(next);
-    ++stats.generated_tokens;
-    if (text.push(prev, next, out)) {
-      finished = true;
-      stats.finish_reason = "stop";
-      return;
-    }
-    if (stats.generated_tokens >= options.max_new_tokens) finish("length");
-  }
+  void step(std::string& out) { seq.accept(advance(), out); }
 };
 
 Generation::Generation(const Backend& backend, const Tokenizer& tokenizer,
@@ -226,8 +246,8 @@ Generation::~Generation() = default;
 bool Generation::next(std::string& piece) {
   piece.clear();
   while (piece.empty()) {
-    if (impl_->finished) {
-      piece.swap(impl_->tail);
+    if (impl_->seq.finished) {
+      piece.swap(impl_->seq.tail);
       return !piece.empty();
     }
     impl_->step(piece);
@@ -263,68 +283,51 @@ BatchResult generate_batch(const Backend& backend, const Tokenizer& tokenizer, D
     return r;
   }
   const int64_t ctx = meta.context_length;
-  std::vector<std::vector<int32_t>> ids(B);
-  for (int64_t b = 0; b < B; ++b) {
-    ids[b] = tokenizer.encode(prompts[b], meta.add_bos);
-    if (ids[b].empty())
-      throw ArgumentError("prompt " + std::to_string(b) +
-                          " is empty and this model has no BOS token to start from");
-    if (static_cast<int64_t>(ids[b].size()) > ctx)
-      throw ArgumentError("prompt " + std::to_string(b) + " is " + std::to_string(ids[b].size()) +
-                          " tokens; the model's context holds " + std::to_string(ctx));
-    r.stats[b].prompt_tokens = static_cast<int64_t>(ids[b].size());
-  }
+  std::vector<Sequence> seqs;
+  seqs.reserve(B);
+  for (int64_t b = 0; b < B; ++b)
+    seqs.emplace_back(tokenizer, meta, options,
+                      encode_prompt(tokenizer, meta, prompts[b], "prompt " + std::to_string(b)));
   std::shared_ptr<DeviceLoop> loop = loops.acquire(B, options.sampling);
-  std::vector<TextStream> streams;
-  for (int64_t b = 0; b < B; ++b) streams.emplace_back(tokenizer, options.stop);
-  std::vector<bool> done(B, false);
   int64_t live = B, steps_run = 0;
 
-  auto finish = [&](int64_t b, const char* reason, bool flush) {
-    if (flush) r.texts[b] += streams[b].finish();
-    r.stats[b].finish_reason = reason;
-    done[b] = true;
+  auto ended = [&](int64_t b) {  // hands out what is left and stops decoding sequence b
+    r.texts[b] += seqs[b].tail;
     --live;
     loop->park(b);
   };
   auto take = [&](const std::vector<std::vector<int32_t>>& made) {
     for (int64_t b = 0; b < B; ++b)
       for (int32_t t : made[b]) {
-        if (done[b]) break;
-        if (t == meta.eos_id) {
-          finish(b, "eos", true);
-          break;
-        }
-        const int32_t prev = ids[b].back();
-        ids[b].push_back(t);
-        if (streams[b].push(prev, t, r.texts[b])) {
-          ++r.stats[b].generated_tokens;
-          finish(b, "stop", false);
-        } else if (++r.stats[b].generated_tokens >= options.max_new_tokens) {
-          finish(b, "length", true);
-        }
+        if (seqs[b].finished) break;
+        seqs[b].accept(t, r.texts[b]);
+        if (seqs[b].finished) ended(b);
       }
   };
 
   const auto t0 = Clock::now();
-  for (int64_t b = 0; b < B; ++b) loop->prefill(b, ids[b]);
+  for (int64_t b = 0; b < B; ++b) loop->prefill(b, seqs[b].tokens);
   take(loop->advance(0));
   const auto t1 = Clock::now();
   while (live > 0) {
-    int64_t steps = sync_steps(options);
+    int64_t steps = options.sync_every;
     for (int64_t b = 0; b < B; ++b)
-      if (!done[b])
-        steps = std::min({steps, options.max_new_tokens - r.stats[b].generated_tokens,
+      if (!seqs[b].finished)
+        steps = std::min({steps, options.max_new_tokens - seqs[b].stats.generated_tokens,
                           ctx - loop->position(b)});
     if (steps <= 0) {  // some sequence filled the context
       for (int64_t b = 0; b < B; ++b)
-        if (!done[b] && loop->position(b) >= ctx) finish(b, "length", true);
+        if (!seqs[b].finished && loop->position(b) >= ctx) {
+          seqs[b].finish("length");
+          ended(b);
+        }
       continue;
     }
     take(loop->advance(steps));
     steps_run += steps;
   }
   const auto t2 = Clock::now();
+  for (int64_t b = 0; b < B; ++b) r.stats[b] = seqs[b].stats;
   for (auto& s : r.stats) {
     s.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
     s.decode_seconds = std::chrono::duration<double>(t2 - t1).count();

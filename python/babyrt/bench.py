@@ -244,19 +244,19 @@ def bench(artifact: Optional[str] = None, shape: Optional[str] = None, device: s
             r = run_babyrt(path, device, dt, new_tokens, repeat)
             wb = weight_bytes(path)
             md = read_metadata(path)
-            rows.append({"runtime": "babyrt", "model": name, "device": device,
-                         "dtype": dt or md["dtype"], "quantization": md["quantization"],
-                         "weight_bytes": wb, **r, "ms_per_token": 1e3 / r["tg_tok_s"],
-                         "weight_gb_s": wb * r["tg_tok_s"] / 1e9,
-                         "pct_copy_bw": 100 * wb * r["tg_tok_s"] / bw})
+
+            def row(runtime: str, r: dict) -> dict:  # a run of this artifact, and its GB/s
+                return {"runtime": runtime, "model": name, "device": device,
+                        "dtype": dt or md["dtype"], "quantization": md["quantization"],
+                        "weight_bytes": wb, **r, "ms_per_token": 1e3 / r["tg_tok_s"],
+                        "weight_gb_s": wb * r["tg_tok_s"] / 1e9,
+                        "pct_copy_bw": 100 * wb * r["tg_tok_s"] / bw}
+
+            rows.append(row("babyrt", r))
             if "cli" in peers:
                 r = run_cli(path, device, dt, new_tokens, repeat)
                 if r is not None:
-                    rows.append({"runtime": "babyrt-run (C++ CLI)", "model": name, "device": device,
-                                 "dtype": dt or md["dtype"], "quantization": md["quantization"],
-                                 "weight_bytes": wb, **r, "ms_per_token": 1e3 / r["tg_tok_s"],
-                                 "weight_gb_s": wb * r["tg_tok_s"] / 1e9,
-                                 "pct_copy_bw": 100 * wb * r["tg_tok_s"] / bw})
+                    rows.append(row("babyrt-run (C++ CLI)", r))
         peers = [p for p in peers if p != "cli"]
         if peers and model is not None:
             tdtype = DTYPES[fdtype]
