@@ -312,8 +312,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& w, const OptTensor
 at::Tensor rmsnorm_linear_cuda(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
                                const at::Tensor& w, const OptTensor& scales) {
   check_linear(x, w, scales, std::nullopt);
-  TORCH_CHECK(norm_weight.dim() == 1 && norm_weight.size(0) == x.size(-1),
-              "rmsnorm_linear: norm weight does not fit x");
+  check_norm(x, norm_weight);
   at::Tensor y = new_output(x, w.size(0));
   if (x.numel() && try_gemv(Act::kRmsNorm, x, w, scales, &norm_weight, eps, std::nullopt, y))
     return y;

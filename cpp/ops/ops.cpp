@@ -77,8 +77,14 @@ at::Tensor swiglu(const at::Tensor& gate_up) {
 
 }  // namespace
 
+void check_norm(const at::Tensor& x, const at::Tensor& norm_weight) {
+  BABYRT_CHECK(norm_weight.dim() == 1 && x.dim() >= 1 && norm_weight.size(0) == x.size(-1),
+              "rmsnorm_linear: norm weight of shape ", norm_weight.sizes(), " for x of ", x.sizes());
+}
+
 at::Tensor rmsnorm_linear_reference(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
                                     const at::Tensor& w, const OptTensor& scales) {
+  check_norm(x, norm_weight);
   return call_linear(rmsnorm(x, norm_weight, eps), w, scales, std::nullopt);
 }
 
@@ -212,8 +218,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const OptTensor&
 // dispatches per call, more than the GEMV they feed at decode.
 at::Tensor rmsnorm_linear_cpu(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
                               const at::Tensor& w, const OptTensor& scales) {
-  BABYRT_CHECK(norm_weight.dim() == 1 && norm_weight.size(0) == x.size(-1),
-              "rmsnorm_linear: norm weight of shape ", norm_weight.sizes(), " for x of ", x.sizes());
+  check_norm(x, norm_weight);
   if (!all_float({&x, &norm_weight}))
     return linear_cpu(rmsnorm(x, norm_weight, eps), w, scales, std::nullopt);
   const at::Tensor xc = x.contiguous(), nw = norm_weight.contiguous();

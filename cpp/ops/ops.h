@@ -34,6 +34,7 @@ at::Tensor attention_reference(const at::Tensor& qkv, const at::Tensor& position
 // Shapes and dtypes of a call; throw c10::Error with a message naming the mismatch.
 void check_linear(const at::Tensor& x, const at::Tensor& weight, const OptTensor& scales,
                   const OptTensor& residual);
+void check_norm(const at::Tensor& x, const at::Tensor& norm_weight);
 void check_attention(const at::Tensor& qkv, const at::Tensor& positions, const OptTensor& cos,
                      const OptTensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      int64_t H, int64_t KV);
