@@ -70,9 +70,10 @@ def test_lora_needs_a_babygpt_base(tmp_path, corpus_file):
     assert r.returncode == 1 and "--base" in r.stderr
 
 
-def test_resume_is_bit_identical(tmp_path, corpus_file):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_is_bit_identical(tmp_path, corpus_file, ema_decay):
     kw = dict(model_name="llama2", preset="tiny", progress=False,
-              train_overrides={"max_steps": 24, "eval_interval": 8},
+              train_overrides={"max_steps": 24, "eval_interval": 8, "ema_decay": ema_decay},
               model_overrides={"dropout": 0.1})
     train(corpus_file, tmp_path / "straight", **kw)
     paused = train(corpus_file, tmp_path / "resumed", stop_at=13, **kw)
@@ -83,6 +84,22 @@ def test_resume_is_bit_identical(tmp_path, corpus_file):
     la = json.loads((tmp_path / "straight" / "log.json").read_text())
     lb = json.loads((tmp_path / "resumed" / "log.json").read_text())
     assert [h["val_loss"] for h in la] == [h["val_loss"] for h in lb]
+
+
+def test_ema_weights_are_scored_and_exported(tmp_path, corpus_file):
+    s = train(corpus_file, tmp_path / "o", "llama2", preset="tiny", progress=False,
+              train_overrides={"max_steps": 30, "eval_interval": 30, "ema_decay": 0.8})
+    ckpt = torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)
+    state = torch.load(tmp_path / "o" / "state.pt", weights_only=True)
+    assert ckpt["step"] == 30 and s["best_val_loss"] == ckpt["val_loss"]
+    assert state["ema"]["n_averaged"].item() == 30
+    # The checkpoint holds the average, which differs from the last weights.
+    for k, v in ckpt["model"].items():
+        assert torch.equal(v, state["ema"]["module." + k]), k
+    assert any(not torch.equal(v, state["model"][k]) for k, v in ckpt["model"].items())
+    with pytest.raises(ValueError, match="ema_decay"):
+        train(corpus_file, tmp_path / "bad", "llama2", preset="tiny", progress=False,
+              train_overrides={"ema_decay": 1.0})
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

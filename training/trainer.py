@@ -1,6 +1,7 @@
 """The training loop, top to bottom: data -> model -> AdamW (decay on matrices only) -> warmup +
 cosine LR -> gradient accumulation and clipping -> bf16/fp16 autocast (fp16 with a GradScaler) ->
-optional torch.compile -> DDP under torchrun -> eval every N steps with a tqdm bar, CSV/JSON logs,
+optional torch.compile -> DDP under torchrun -> an optional moving average of the weights (EMA)
+-> eval every N steps with a tqdm bar, CSV/JSON logs,
 a loss-curve PNG, tokens/s and MFU -> the best-val checkpoint for export, and a full training
 state for bit-identical resume.
 
@@ -53,6 +54,7 @@ class TrainConfig:
     device: str = "cpu"
     dtype: str = "fp32"           # autocast: fp32 (off), bf16, fp16 (+ GradScaler)
     compile: bool = False
+    ema_decay: float = 0.0        # > 0: evaluate and export an exponential moving average of the weights
     peak_tflops: Optional[float] = None  # for MFU; None: measured at start
     seed: int = 1337
 
@@ -287,6 +289,8 @@ def train(data_file, out_dir, model_name: Optional[str] = None, preset: Optional
     else:
         name, p = _resolve(model_name, preset)
         tcfg = _override(TrainConfig(), {**p.get("train", {}), **(train_overrides or {})})
+    if not 0.0 <= tcfg.ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), got {tcfg.ema_decay}")
     if tcfg.dtype not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"dtype must be fp32, bf16 or fp16, got {tcfg.dtype!r}")
     if tcfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -313,6 +317,11 @@ def train(data_file, out_dir, model_name: Optional[str] = None, preset: Optional
     trainable, total_params = trainable_parameters(model)
     flops_per_token = model.flops_per_token()
     optimizer = configure_optimizer(model, tcfg)
+    # The average of the weights over the last ~1/(1-decay) steps: it generalises better than the
+    # last weights once a small corpus starts to overfit, so it is what evals score and export takes.
+    ema = (torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tcfg.ema_decay),
+        use_buffers=True) if tcfg.ema_decay > 0 else None)
     scaler = torch.amp.GradScaler(tcfg.device.split(":")[0], enabled=tcfg.dtype == "fp16")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.dtype)
     device_type = tcfg.device.split(":")[0]
@@ -331,6 +340,8 @@ def train(data_file, out_dir, model_name: Optional[str] = None, preset: Optional
         model.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
         scaler.load_state_dict(st["scaler"])
+        if ema is not None:
+            ema.load_state_dict(st["ema"])
         gen.set_state(st["data_rng"].cpu())
         eval_gen.set_state(st["eval_rng"].cpu())
         torch.set_rng_state(st["torch_rng"].cpu())
@@ -351,6 +362,8 @@ def train(data_file, out_dir, model_name: Optional[str] = None, preset: Optional
               "scaler": scaler.state_dict(), "data_rng": gen.get_state(),
               "eval_rng": eval_gen.get_state(), "torch_rng": torch.get_rng_state(),
               "step": step, "best_val": best_val, "history": json.dumps(history)}
+        if ema is not None:
+            st["ema"] = ema.state_dict()
         torch.save(st, out / "state.pt.tmp")
         os.replace(out / "state.pt.tmp", out / "state.pt")
 
@@ -377,18 +390,19 @@ def train(data_file, out_dir, model_name: Optional[str] = None, preset: Optional
                 if device_type == "cuda":
                     torch.cuda.synchronize()
                 train_seconds += time.perf_counter() - t_mark
-                losses = estimate_loss(model, data, tcfg, eval_gen, autocast)
+                scored = ema.module if ema is not None else model
+                losses = estimate_loss(scored, data, tcfg, eval_gen, autocast)
                 tps = train_tokens / train_seconds if train_seconds > 0 else 0.0
                 history.append({"step": step, "train_loss": round(losses["train"], 5),
                                 "val_loss": round(losses["val"], 5), "lr": tcfg.lr_at(step),
                                 "tokens_per_second": round(tps, 1),
                                 "mfu": round(tps * flops_per_token / peak, 5),
-                                **(task_metrics(model) if task_metrics else {})})
+                                **(task_metrics(scored) if task_metrics else {})})
                 bar.set_postfix(train=f"{losses['train']:.3f}", val=f"{losses['val']:.3f}")
                 if losses["val"] < best_val:
                     best_val = losses["val"]
                     if rank == 0:
-                        torch.save({"model": model.state_dict(), "step": step,
+                        torch.save({"model": scored.state_dict(), "step": step,
                                     "val_loss": best_val}, out / "checkpoint.pt")
                 write_logs()
                 train_seconds, train_tokens = 0.0, 0
@@ -411,6 +425,8 @@ def train(data_file, out_dir, model_name: Optional[str] = None, preset: Optional
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update_parameters(model)
             train_tokens += tokens_per_step
             if stop_flag["stop"] or (stop_at is not None and step + 1 == stop_at):
                 stopped = True

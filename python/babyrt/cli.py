@@ -11,7 +11,8 @@ def _cmd_train(a) -> None:
 
     overrides = {"device": a.device}
     for key, value in (("max_steps", a.max_steps), ("dtype", a.precision),
-                       ("batch_size", a.batch_size), ("peak_tflops", a.peak_tflops)):
+                       ("batch_size", a.batch_size), ("peak_tflops", a.peak_tflops),
+                       ("ema_decay", a.ema_decay)):
         if value is not None:
             overrides[key] = value
     if a.compile:
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast dtype (fp16 uses a GradScaler)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--peak-tflops", type=float, help="MFU denominator (default: measured)")
+    t.add_argument("--ema-decay", type=float,
+                   help="evaluate and export a moving average of the weights (e.g. 0.99)")
     t.add_argument("--base", help="babygpt-lora: the trained babygpt checkpoint to adapt")
     t.add_argument("--lora-rank", type=int)
     t.add_argument("--lora-alpha", type=float)
