@@ -70,6 +70,15 @@ def corpus_file(tmp_path_factory, corpus_text) -> Path:
     return p
 
 
+def int8_activation_bound(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """[M, N] bound on what rounding x to int8 adds to x @ dequantize(q, s).T: the int8 kernels
+    (CPU VNNI, CUDA DP4A) quantize x per block, a step of at most max|x row| / 127, so each
+    output may move by half a step times its row's sum of |w|."""
+    from babyrt.quantize import dequantize
+    w_abs = dequantize(q.cpu(), s.cpu()).abs().sum(1).to(x.device)
+    return 0.5 * x.float().abs().amax(-1, keepdim=True) / 127 * w_abs
+
+
 def run_cli(*args, check=False, timeout=600):
     """Run a console command installed beside this Python."""
     exe = Path(sys.executable).parent / args[0]

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import babyrt
+from conftest import int8_activation_bound
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
@@ -115,8 +116,11 @@ def test_cuda_fused_decode_ops_match_references(dtype, M):
     for group in (None, 32):
         q, s = quantize_weight(w.float(), group)
         wq = ops.dequantize(q, s).to(dtype)
-        torch.testing.assert_close(ops.rmsnorm_linear(x, nw, 1e-5, q, s), normed @ wq.T, **tol)
-        torch.testing.assert_close(ops.swiglu_linear(h, q, s, r), act @ wq.T + r, **tol)
+        # The kernel quantizes act(x) to int8 per 16 values: allow for that rounding.
+        for got, xin, want in ((ops.rmsnorm_linear(x, nw, 1e-5, q, s), normed, normed @ wq.T),
+                               (ops.swiglu_linear(h, q, s, r), act, act @ wq.T + r)):
+            bound = int8_activation_bound(xin, q, s) + tol["atol"] + tol["rtol"] * want.abs().float()
+            assert ((got.float() - want.float()).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

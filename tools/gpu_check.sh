@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build babyrt with CUDA, run the CUDA tests, and run the GPU
-# benchmarks. Results land in $OUT (or ./gpu_out). Usage: bash tools/gpu_check.sh [tests|seed|mfu|all]...
+# benchmarks. Results land in $OUT (or ./gpu_out).
+# Usage: bash tools/gpu_check.sh [tests|int8|bench|seed|sweep|mfu|all]...
+#   sweep: tools/seed_sweep.py over the specs in $SWEEP_FILE (one NAME:PRESET:JSON per line), all
+#   at once on the GPU, while the tests run (the timing benchmarks run before it).
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 CMAKE_CUDA_ARCHITECTURES=90 CMAKE_BUILD_PARALLEL_LEVEL=16
@@ -13,15 +16,21 @@ echo "libstdc++ symbols defined in libbabyrt: $(nm -D --defined-only "$lib" | gr
 grep -o -- "-static[^ ]*\|[^ ]*stdc++[^ ]*" build/*/CMakeFiles/babyrt.dir/link.txt | sort -u | head
 cd /tmp  # import the installed package, not the source tree
 repo=$OLDPWD
+if [[ $what == *int8* || $what == all ]]; then
+  python3 "$repo/benchmarks/int8_gemv_cuda.py" --json "$OUT/int8_gemv_cuda.json"
+  BABYRT_PDL=0 python3 "$repo/benchmarks/int8_gemv_cuda.py" | sed 's/^/PDL off: /'
+fi
+if [[ $what == *sweep* ]]; then
+  mapfile -t specs < "$repo/${SWEEP_FILE:-tools/sweeps/llama2-ema.txt}"
+  python3 "$repo/tools/seed_sweep.py" "${SEED_DATA:-$repo/.gpu_data/ALL_eminem.txt}" "$OUT/sweep" \
+    "${specs[@]}" > "$OUT/sweep.md" 2> "$OUT/sweep.err" &
+  sweep_pid=$!
+fi
 if [[ $what == *tests* || $what == all ]]; then
   python3 -m pytest -q -p no:cacheprovider "$repo/tests/test_cuda.py" "$repo/tests/test_batch.py" "$repo/tests/test_parity.py" \
     "$repo/tests/test_ops.py" "$repo/tests/test_quantize.py" "$repo/tests/test_hardening.py" \
     > "$OUT/pytest.log" 2>&1
   echo "pytest exit $?"; grep -E "passed|failed|Fatal|Segmentation|File \"$repo" "$OUT/pytest.log" | tail -15
-fi
-if [[ $what == *int8* || $what == all ]]; then
-  python3 "$repo/benchmarks/int8_gemv_cuda.py" --json "$OUT/int8_gemv_cuda.json"
-  BABYRT_PDL=0 python3 "$repo/benchmarks/int8_gemv_cuda.py" | sed 's/^/PDL off: /'
 fi
 if [[ $what == *bench* || $what == all ]]; then
   for shape in ${BENCH_SHAPES:-stories15M stories110M 1b-gqa}; do
@@ -42,6 +51,14 @@ if [[ $what == *seed* || $what == all ]]; then
   # Only the logs come back (the device returns at most 8 files).
   (cd "$OUT" && tar czf seed_runs.tar.gz seed-*/log.json seed-*/summary.json seed-*/config.json \
      seed-*/loss.png seed-*.log && rm -rf seed-*)
+fi
+if [[ -n ${sweep_pid:-} ]]; then
+  wait $sweep_pid; cat "$OUT/sweep.md"; tail -3 "$OUT/sweep.err"
+  # int8 accuracy through the CUDA kernels, on the first run's checkpoint.
+  ckpt=$(ls -d "$OUT"/sweep/*/ | head -1)
+  python3 "$repo/benchmarks/int8_accuracy.py" "$ckpt" --device cuda --kernel-path --max-windows 40 \
+    --json "$OUT/int8_accuracy_cuda.json" 2>&1 | grep -v Warn
+  (cd "$OUT" && tar czf sweep_logs.tar.gz sweep/*/log.json sweep/*/summary.json sweep/*/config.json && rm -rf sweep)
 fi
 if [[ $what == *mfu* || $what == all ]]; then
   python3 "$repo/benchmarks/train_mfu.py" --json "$OUT/train_mfu.json" 2>&1 | tail -3

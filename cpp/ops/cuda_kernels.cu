@@ -22,6 +22,7 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -31,8 +32,8 @@ namespace babyrt::ops {
 namespace {
 
 constexpr int kMaxRows = 8;      // rows of x a GEMV takes; more run as a GEMM (cuBLAS)
-constexpr int kWarps = 4;        // warps (output rows) per block
-constexpr int kBatch = 16;       // 16-byte weight chunks per lane in flight at once
+constexpr int kWarps = 8;        // warps per block (each takes rows of W)
+constexpr int kBatch = 8;        // 16-byte weight chunks per lane in flight at once
 constexpr int kAttnThreads = 128;
 constexpr int kMaxHeadDim = 256;
 constexpr int64_t kMaxAttnSlots = 8192;  // scores of the filled slots live in shared memory
@@ -119,40 +120,24 @@ struct GemvArgs {
   void* y;               // [M, N]
   float eps;
   int M, N, K, group;
+  int rows_per_warp;     // rows of W each warp takes (the grid covers N with them)
 };
 
-// T: dtype of x and y. W: weight element (T, or int8_t with scales S).
-template <typename T, typename W, typename S, Act kAct>
-__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
-  constexpr int E = 16 / sizeof(W);  // weights per 16-byte chunk
+// Shared memory the GEMV stages act(x) in: as T for float weights; as int8 with one fp32 scale
+// per 16 values for int8 weights (so that the dot products run on DP4A, see below).
+template <typename T, typename W>
+__host__ __device__ constexpr size_t gemv_smem_bytes(int M, int K) {
+  return sizeof(W) == 1 ? static_cast<size_t>(M) * K + static_cast<size_t>(M) * (K / 16) * sizeof(float)
+                        : static_cast<size_t>(M) * K * sizeof(T);
+}
+
+// The first pass of the GEMV: act(x) for all M rows, computed once per block (not once per
+// output row) into shared memory. Roundings follow the references.
+template <typename T, typename W, Act kAct>
+__device__ __forceinline__ void stage_activations(const GemvArgs& a, unsigned char* smem) {
+  constexpr int E = 16 / sizeof(T);  // values of x per 16-byte vector
   constexpr bool kQ8 = sizeof(W) == 1;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int n = blockIdx.x * kWarps + warp;
-  const bool active = n < a.N;
-  const int chunks = a.K / E;
-  const int4* row = reinterpret_cast<const int4*>(static_cast<const W*>(a.w) +
-                                                  static_cast<int64_t>(active ? n : 0) * a.K);
-  const S* srow = kQ8 ? static_cast<const S*>(a.scales) +
-                            static_cast<int64_t>(active ? n : 0) * (a.K / a.group)
-                      : nullptr;
-
-  // The first batch of weights (and scales) before waiting: they do not depend on the
-  // previous kernel, so these loads overlap its tail.
-  int4 wv[kBatch];
-  float sv[kBatch];
-  auto load_batch = [&](int c0) {
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int c = c0 + u * 32;
-      const bool ok = active && c < chunks;
-      wv[u] = ok ? __ldcs(row + c) : make_int4(0, 0, 0, 0);  // streamed: read once
-      if constexpr (kQ8) sv[u] = ok ? to_float(srow[c * E / a.group]) : 0.f;
-    }
-  };
-  load_batch(lane);
-  allow_next_launch();
-  wait_for_inputs();
-
   const T* x = static_cast<const T*>(a.x);
   const int64_t xs = kAct == Act::kSwiGlu ? 2 * static_cast<int64_t>(a.K) : a.K;
   __shared__ float inv_rms[kMaxRows];
@@ -160,9 +145,11 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
     __shared__ float partial[kWarps][kMaxRows];
     for (int m = 0; m < a.M; ++m) {
       float ss = 0.f;
-      for (int k = threadIdx.x; k < a.K; k += blockDim.x) {
-        const float v = to_float(x[m * xs + k]);
-        ss += v * v;
+      for (int k = threadIdx.x * E; k < a.K; k += blockDim.x * E) {
+        float v[E];
+        load_floats<T, E>(x + m * xs + k, v);
+#pragma unroll
+        for (int j = 0; j < E; ++j) ss += v[j] * v[j];
       }
 #pragma unroll
       for (int off = 16; off > 0; off /= 2) ss += __shfl_xor_sync(0xffffffff, ss, off);
@@ -176,66 +163,174 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
     }
     __syncthreads();
   }
-  float acc[kMaxRows];
+  // Groups of 16 values (the int8 quantization group; two or four vectors of x).
+  const int groups = a.K / 16;
+  for (int i = threadIdx.x; i < a.M * groups; i += blockDim.x) {
+    const int m = i / groups, k = (i % groups) * 16;
+    float v[16];
 #pragma unroll
-  for (int m = 0; m < kMaxRows; ++m) acc[m] = 0.f;
-  if (active) {
+    for (int h = 0; h < 16; h += E) {
+      float part[E];
+      load_floats<T, E>(x + m * xs + k + h, part);
+      if constexpr (kAct == Act::kRmsNorm) {
+        float g[E];
+        load_floats<T, E>(static_cast<const T*>(a.norm) + k + h, g);
+#pragma unroll
+        for (int j = 0; j < E; ++j) part[j] = round_to<T>(round_to<T>(part[j] * inv_rms[m]) * g[j]);
+      } else if constexpr (kAct == Act::kSwiGlu) {
+        float up[E];
+        load_floats<T, E>(x + m * xs + a.K + k + h, up);
+#pragma unroll
+        for (int j = 0; j < E; ++j)
+          part[j] = round_to<T>(round_to<T>(part[j] / (1.f + __expf(-part[j]))) * up[j]);
+      }
+#pragma unroll
+      for (int j = 0; j < E; ++j) v[h + j] = part[j];
+    }
+    if constexpr (kQ8) {
+      // Symmetric int8 with one scale per 16 values: the rounding error of a value is at most
+      // half a step, max|group| / 254.
+      float amax = 0.f;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) amax = fmaxf(amax, fabsf(v[j]));
+      const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      alignas(16) int8_t q[16];
+#pragma unroll
+      for (int j = 0; j < 16; ++j) q[j] = static_cast<int8_t>(__float2int_rn(v[j] * inv));
+      reinterpret_cast<int4*>(smem)[i] = *reinterpret_cast<const int4*>(q);
+      reinterpret_cast<float*>(smem + static_cast<size_t>(a.M) * a.K)[i] = scale;
+    } else {
+      alignas(16) T t[16];
+#pragma unroll
+      for (int j = 0; j < 16; ++j) t[j] = from_float<T>(v[j]);
+#pragma unroll
+      for (int h = 0; h < 16; h += E)
+        reinterpret_cast<int4*>(smem)[(i * 16 + h) / E] = *reinterpret_cast<const int4*>(t + h);
+    }
+  }
+  __syncthreads();
+}
+
+// T: dtype of x and y. W: weight element (T, or int8_t with scales S).
+//
+// Each block first stages act(x) in shared memory (once per block), then each warp streams
+// rows_per_warp rows of W: a lane reads 16-byte chunks lane, lane + 32, ... of a row, kBatch
+// at a time, so every weight byte is read once, in full lines, with many bytes in flight.
+// int8 weights meet x quantized to int8 (one scale per 16 values): four DP4A per 16 weights
+// instead of 16 int-to-float conversions, which would cap the kernel below HBM speed.
+template <typename T, typename W, typename S, Act kAct>
+__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
+  extern __shared__ int4 staged[];  // act(x), see gemv_smem_bytes
+  unsigned char* smem = reinterpret_cast<unsigned char*>(staged);
+  constexpr int E = 16 / sizeof(W);  // weights per 16-byte chunk
+  constexpr bool kQ8 = sizeof(W) == 1;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int chunks = a.K / E;
+  const int warps = gridDim.x * kWarps;
+  const int first_row = blockIdx.x * kWarps + warp;
+
+  int4 wv[kBatch];
+  float sv[kBatch];
+  auto load_batch = [&](int n, int c0) {
+    const int4* row = reinterpret_cast<const int4*>(static_cast<const W*>(a.w) +
+                                                    static_cast<int64_t>(n) * a.K);
+    const S* srow = kQ8 ? static_cast<const S*>(a.scales) +
+                              static_cast<int64_t>(n) * (a.K / a.group) : nullptr;
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int c = c0 + u * 32;
+      const bool ok = c < chunks;
+      wv[u] = ok ? __ldcs(row + c) : make_int4(0, 0, 0, 0);  // streamed: read once
+      if constexpr (kQ8) sv[u] = ok ? to_float(srow[c * E / a.group]) : 0.f;
+    }
+  };
+  // The first weights before waiting: no kernel writes them, so these loads overlap the tail
+  // of the previous kernel.
+  if (first_row < a.N) load_batch(first_row, lane);
+  allow_next_launch();
+  wait_for_inputs();
+  stage_activations<T, W, kAct>(a, smem);
+
+  for (int r = 0; r < a.rows_per_warp; ++r) {
+    const int n = first_row + r * warps;
+    if (n >= a.N) break;
+    float acc[kMaxRows];
+#pragma unroll
+    for (int m = 0; m < kMaxRows; ++m) acc[m] = 0.f;
     for (int c0 = lane; c0 < chunks; c0 += 32 * kBatch) {
-      if (c0 != lane) load_batch(c0);  // the first batch is already in flight
+      if (r > 0 || c0 != lane) load_batch(n, c0);  // the first batch is already in flight
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
         const int c = c0 + u * 32;
         if (c >= chunks) break;
-        const int k = c * E;
-        const W* wp = reinterpret_cast<const W*>(&wv[u]);
-        float wf[E];
-#pragma unroll
-        for (int j = 0; j < E; ++j) {
-          if constexpr (kQ8) wf[j] = static_cast<float>(wp[j]);
-          else wf[j] = to_float(wp[j]);
-        }
-        float g[E];
-        if constexpr (kAct == Act::kRmsNorm) load_floats<T, E>(static_cast<const T*>(a.norm) + k, g);
 #pragma unroll
         for (int m = 0; m < kMaxRows; ++m) {
           if (m >= a.M) break;
-          float xv[E];
-          load_floats<T, E>(x + m * xs + k, xv);
-          if constexpr (kAct == Act::kRmsNorm) {
+          if constexpr (kQ8) {
+            const int4 xq = reinterpret_cast<const int4*>(smem)[m * chunks + c];
+            const float xscale =
+                reinterpret_cast<const float*>(smem + static_cast<size_t>(a.M) * a.K)[m * chunks + c];
+            int d = __dp4a(wv[u].x, xq.x, 0);
+            d = __dp4a(wv[u].y, xq.y, d);
+            d = __dp4a(wv[u].z, xq.z, d);
+            d = __dp4a(wv[u].w, xq.w, d);
+            acc[m] += static_cast<float>(d) * (sv[u] * xscale);
+          } else {
+            const int4 xr = reinterpret_cast<const int4*>(smem)[m * chunks + c];
+            const W* wp = reinterpret_cast<const W*>(&wv[u]);
+            const T* xp = reinterpret_cast<const T*>(&xr);
+            float part = 0.f;
 #pragma unroll
-            for (int j = 0; j < E; ++j) xv[j] = round_to<T>(round_to<T>(xv[j] * inv_rms[m]) * g[j]);
-          } else if constexpr (kAct == Act::kSwiGlu) {
-            float up[E];
-            load_floats<T, E>(x + m * xs + a.K + k, up);
-#pragma unroll
-            for (int j = 0; j < E; ++j)
-              xv[j] = round_to<T>(round_to<T>(xv[j] / (1.f + __expf(-xv[j]))) * up[j]);
+            for (int j = 0; j < E; ++j) part += to_float(wp[j]) * to_float(xp[j]);
+            acc[m] += part;
           }
-          float part = 0.f;
-#pragma unroll
-          for (int j = 0; j < E; ++j) part += wf[j] * xv[j];
-          acc[m] += kQ8 ? part * sv[u] : part;
         }
       }
     }
-  }
 #pragma unroll
-  for (int m = 0; m < kMaxRows; ++m) {
-    if (m >= a.M) break;
-    float v = acc[m];
+    for (int m = 0; m < kMaxRows; ++m) {
+      if (m >= a.M) break;
+      float v = acc[m];
 #pragma unroll
-    for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffff, v, off);
-    if (active && lane == 0) {
-      const int64_t i = static_cast<int64_t>(m) * a.N + n;
-      float out = v;
-      if (a.residual) out = round_to<T>(out) + to_float(static_cast<const T*>(a.residual)[i]);
-      static_cast<T*>(a.y)[i] = from_float<T>(out);
+      for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffff, v, off);
+      if (lane == 0) {
+        const int64_t i = static_cast<int64_t>(m) * a.N + n;
+        float out = v;
+        if (a.residual) out = round_to<T>(out) + to_float(static_cast<const T*>(a.residual)[i]);
+        static_cast<T*>(a.y)[i] = from_float<T>(out);
+      }
     }
   }
 }
 
 bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
+
+// Launches one GEMV instance over a grid sized to what fits on the device at once, so that
+// act(x) is staged once per resident block and every warp takes the same number of rows.
+template <typename T, typename W, typename S, Act kAct>
+bool launch_gemv(GemvArgs a) {
+  auto kernel = gemv_kernel<T, W, S, kAct>;
+  const size_t smem = gemv_smem_bytes<T, W>(a.M, a.K);
+  static const int max_smem = [&] {
+    int device = 0, optin = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    return optin;
+  }();
+  if (smem > static_cast<size_t>(max_smem) / 2) return false;  // two blocks per SM at least
+  int device = 0, sms = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem));
+  const int64_t row_groups = (a.N + kWarps - 1) / kWarps;  // blocks if each warp took one row
+  const int64_t resident = std::max(1, per_sm) * static_cast<int64_t>(sms);
+  a.rows_per_warp = static_cast<int>((row_groups + resident - 1) / resident);
+  const int64_t blocks = (row_groups + a.rows_per_warp - 1) / a.rows_per_warp;
+  launch(kernel, dim3(blocks), dim3(kWarps * 32), smem, a);
+  return true;
 }
 
 // Runs the GEMV kernel when it covers the call; false otherwise (the caller falls back).
@@ -251,7 +346,6 @@ bool try_gemv(Act act, const at::Tensor& x, const at::Tensor& w, const OptTensor
   const auto T = x.scalar_type();
   if (T != at::kFloat && T != at::kHalf && T != at::kBFloat16) return false;
   const bool q8 = scales.has_value();
-  const int64_t E = q8 ? 16 : 16 / w.element_size();
   int64_t group = K;
   if (q8) {
     if (!scales->is_contiguous() ||
@@ -262,8 +356,8 @@ bool try_gemv(Act act, const at::Tensor& x, const at::Tensor& w, const OptTensor
   } else if (w.scalar_type() != T) {
     return false;
   }
-  // Whole 16-byte chunks of weights and of activations, aligned.
-  if (K % E || (E * x.element_size()) % 16) return false;
+  // Whole groups of 16 values (the staging and int8 unit; also whole 16-byte chunks).
+  if (K % 16) return false;
   if (norm && (norm->scalar_type() != T || !norm->is_contiguous() || !aligned16(*norm))) return false;
   if (residual && (!residual->is_contiguous() || residual->scalar_type() != T)) return false;
 
@@ -271,18 +365,18 @@ bool try_gemv(Act act, const at::Tensor& x, const at::Tensor& w, const OptTensor
              norm ? norm->const_data_ptr() : nullptr,
              residual ? residual->const_data_ptr() : nullptr, y.mutable_data_ptr(),
              static_cast<float>(eps), static_cast<int>(M), static_cast<int>(N),
-             static_cast<int>(K), static_cast<int>(group)};
-  const dim3 grid((N + kWarps - 1) / kWarps), block(kWarps * 32);
+             static_cast<int>(K), static_cast<int>(group), 1};
   const c10::cuda::CUDAGuard guard(x.device());
+  bool launched = false;
   dispatch_float(T, [&](auto ttag) {
     using CT = decltype(ttag);
     auto run = [&](auto wtag, auto stag) {
       using WT = decltype(wtag);
       using ST = decltype(stag);
       switch (act) {
-        case Act::kNone: launch(gemv_kernel<CT, WT, ST, Act::kNone>, grid, block, 0, a); break;
-        case Act::kRmsNorm: launch(gemv_kernel<CT, WT, ST, Act::kRmsNorm>, grid, block, 0, a); break;
-        case Act::kSwiGlu: launch(gemv_kernel<CT, WT, ST, Act::kSwiGlu>, grid, block, 0, a); break;
+        case Act::kNone: launched = launch_gemv<CT, WT, ST, Act::kNone>(a); break;
+        case Act::kRmsNorm: launched = launch_gemv<CT, WT, ST, Act::kRmsNorm>(a); break;
+        case Act::kSwiGlu: launched = launch_gemv<CT, WT, ST, Act::kSwiGlu>(a); break;
       }
     };
     if (!q8)
@@ -292,7 +386,7 @@ bool try_gemv(Act act, const at::Tensor& x, const at::Tensor& w, const OptTensor
     else
       run(int8_t{}, float{});
   });
-  return true;
+  return launched;
 }
 
 at::Tensor new_output(const at::Tensor& x, int64_t last) {
