@@ -55,17 +55,20 @@ def main():
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         t_q8 = time_calls(lambda i: torch.ops.babyrt.linear(x, qs[i][0], qs[i][1], None), n_copies)
         t_bf16 = time_calls(lambda i: torch.nn.functional.linear(x, ws[i]), n_copies)
+        t_ours = time_calls(lambda i: torch.ops.babyrt.linear(x, ws[i], None, None), n_copies)
         want = x.float() @ torch.ops.babyrt.dequantize(*qs[0]).T
         got = torch.ops.babyrt.linear(x, qs[0][0], qs[0][1], None).float()
         err = ((got - want).abs().max() / want.abs().max()).item()
         q_bytes = N * K + qs[0][1].nbytes
         row = {"shape": f"{N}x{K}", "int8_us": t_q8 * 1e6, "int8_gb_s": q_bytes / t_q8 / 1e9,
                "int8_pct_copy_bw": 100 * q_bytes / t_q8 / copy_bw, "bf16_us": t_bf16 * 1e6,
-               "bf16_gb_s": 2 * N * K / t_bf16 / 1e9, "max_rel_err_vs_dequant": err}
+               "bf16_gb_s": 2 * N * K / t_bf16 / 1e9, "bf16_babyrt_us": t_ours * 1e6,
+               "bf16_babyrt_gb_s": 2 * N * K / t_ours / 1e9, "max_rel_err_vs_dequant": err}
         rows.append(row)
         print(f"{row['shape']}: int8 {row['int8_us']:.2f} us, {row['int8_gb_s']:.0f} GB/s "
               f"({row['int8_pct_copy_bw']:.0f}% of copy {copy_bw / 1e9:.0f} GB/s); "
               f"bf16 cuBLAS {row['bf16_us']:.2f} us, {row['bf16_gb_s']:.0f} GB/s; "
+              f"bf16 babyrt {row['bf16_babyrt_us']:.2f} us, {row['bf16_babyrt_gb_s']:.0f} GB/s; "
               f"max error {err:.1e} of max |y| (bf16 output)")
     if a.json:
         with open(a.json, "w") as f:

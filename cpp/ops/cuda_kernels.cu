@@ -34,6 +34,7 @@ namespace {
 constexpr int kMaxRows = 8;      // rows of x a GEMV takes; more run as a GEMM (cuBLAS)
 constexpr int kWarps = 8;        // warps per block (each takes rows of W)
 constexpr int kBatch = 8;        // 16-byte weight chunks per lane in flight at once
+constexpr int kGemvBlocksPerSm = 2;  // GEMV grid: blocks per SM (of the 3 that fit)
 constexpr int kAttnThreads = 128;
 constexpr int kMaxHeadDim = 256;
 constexpr int64_t kMaxAttnSlots = 8192;  // scores of the filled slots live in shared memory
@@ -313,20 +314,32 @@ template <typename T, typename W, typename S, Act kAct>
 bool launch_gemv(GemvArgs a) {
   auto kernel = gemv_kernel<T, W, S, kAct>;
   const size_t smem = gemv_smem_bytes<T, W>(a.M, a.K);
+  // The dynamic shared memory a block may take: the device's opt-in limit less the kernel's
+  // static shared memory (set once per kernel; the default limit is 48 KB).
   static const int max_smem = [&] {
     int device = 0, optin = 0;
     C10_CUDA_CHECK(cudaGetDevice(&device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
-    return optin;
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    const int dynamic = optin - static_cast<int>(attr.sharedSizeBytes);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic));
+    return dynamic;
   }();
   if (smem > static_cast<size_t>(max_smem) / 2) return false;  // two blocks per SM at least
   int device = 0, sms = 0, per_sm = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem));
+  // Leave room on each SM for the next kernel's blocks, so that under PDL they start loading
+  // their weights while this one drains (BABYRT_GEMV_BLOCKS_PER_SM overrides, to measure).
+  static const int cap = [] {
+    const char* v = std::getenv("BABYRT_GEMV_BLOCKS_PER_SM");
+    return v ? std::max(1, std::atoi(v)) : kGemvBlocksPerSm;
+  }();
+  per_sm = std::clamp(per_sm, 1, cap);
   const int64_t row_groups = (a.N + kWarps - 1) / kWarps;  // blocks if each warp took one row
-  const int64_t resident = std::max(1, per_sm) * static_cast<int64_t>(sms);
+  const int64_t resident = per_sm * static_cast<int64_t>(sms);
   a.rows_per_warp = static_cast<int>((row_groups + resident - 1) / resident);
   const int64_t blocks = (row_groups + a.rows_per_warp - 1) / a.rows_per_warp;
   launch(kernel, dim3(blocks), dim3(kWarps * 32), smem, a);
