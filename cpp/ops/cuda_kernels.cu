@@ -33,8 +33,7 @@ namespace {
 
 constexpr int kMaxRows = 8;      // rows of x a GEMV takes; more run as a GEMM (cuBLAS)
 constexpr int kWarps = 8;        // warps per block (each takes rows of W)
-constexpr int kBatch = 16;       // 16-byte weight chunks per lane in flight at once
-constexpr int kGemvBlocksPerSm = 2;  // GEMV grid: blocks per SM (as many as fit)
+constexpr int kBatch = 8;        // 16-byte weight chunks per lane in flight at once
 constexpr int kAttnThreads = 128;
 constexpr int kMaxHeadDim = 256;
 constexpr int64_t kMaxAttnSlots = 8192;  // scores of the filled slots live in shared memory
@@ -215,61 +214,55 @@ __device__ __forceinline__ void stage_activations(const GemvArgs& a, unsigned ch
 // T: dtype of x and y. W: weight element (T, or int8_t with scales S).
 //
 // Each block first stages act(x) in shared memory (once per block), then each warp streams
-// rows_per_warp rows of W (rows n, n + warps, ...). A lane reads the 16-byte chunks lane,
-// lane + 32, ... of each row; the warp's (row, chunk) items are loaded kBatch at a time, a batch
-// spanning rows when rows are short, so that every weight byte is read once, in full lines,
-// with as many bytes in flight as the registers hold. int8 weights meet x quantized to int8
-// (one scale per 16 values): four DP4A per 16 weights instead of 16 int-to-float conversions,
-// which would cap the kernel below HBM speed.
+// rows_per_warp rows of W: a lane reads 16-byte chunks lane, lane + 32, ... of a row, kBatch
+// at a time, so every weight byte is read once, in full lines, with many bytes in flight.
+// int8 weights meet x quantized to int8 (one scale per 16 values): four DP4A per 16 weights
+// instead of 16 int-to-float conversions, which would cap the kernel below HBM speed.
 template <typename T, typename W, typename S, Act kAct>
-__global__ void __launch_bounds__(kWarps * 32, 2) gemv_kernel(GemvArgs a) {
+__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
   extern __shared__ int4 staged[];  // act(x), see gemv_smem_bytes
   unsigned char* smem = reinterpret_cast<unsigned char*>(staged);
   constexpr int E = 16 / sizeof(W);  // weights per 16-byte chunk
   constexpr bool kQ8 = sizeof(W) == 1;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int chunks = a.K / E;
-  const int per_lane = (chunks + 31) / 32;  // items per row: chunks of the row a lane reads
-  const int items = a.rows_per_warp * per_lane;
   const int warps = gridDim.x * kWarps;
   const int first_row = blockIdx.x * kWarps + warp;
 
   int4 wv[kBatch];
   float sv[kBatch];
-  auto load_batch = [&](int i0) {
-    int r = i0 / per_lane, cc = i0 - r * per_lane;
+  auto load_batch = [&](int n, int c0) {
+    const int4* row = reinterpret_cast<const int4*>(static_cast<const W*>(a.w) +
+                                                    static_cast<int64_t>(n) * a.K);
+    const S* srow = kQ8 ? static_cast<const S*>(a.scales) +
+                              static_cast<int64_t>(n) * (a.K / a.group) : nullptr;
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
-      const int64_t n = first_row + static_cast<int64_t>(r) * warps;
-      const int c = lane + 32 * cc;
-      const bool ok = i0 + u < items && n < a.N && c < chunks;
-      const int4* row = reinterpret_cast<const int4*>(static_cast<const W*>(a.w) + n * a.K);
+      const int c = c0 + u * 32;
+      const bool ok = c < chunks;
       wv[u] = ok ? __ldcs(row + c) : make_int4(0, 0, 0, 0);  // streamed: read once
-      if constexpr (kQ8)
-        sv[u] = ok ? to_float(static_cast<const S*>(a.scales)[n * (a.K / a.group) + c * E / a.group])
-                   : 0.f;
-      if (++cc == per_lane) cc = 0, ++r;
+      if constexpr (kQ8) sv[u] = ok ? to_float(srow[c * E / a.group]) : 0.f;
     }
   };
   // The first weights before waiting: no kernel writes them, so these loads overlap the tail
   // of the previous kernel.
-  load_batch(0);
+  if (first_row < a.N) load_batch(first_row, lane);
   allow_next_launch();
   wait_for_inputs();
   stage_activations<T, W, kAct>(a, smem);
 
-  float acc[kMaxRows];
+  for (int r = 0; r < a.rows_per_warp; ++r) {
+    const int n = first_row + r * warps;
+    if (n >= a.N) break;
+    float acc[kMaxRows];
 #pragma unroll
-  for (int m = 0; m < kMaxRows; ++m) acc[m] = 0.f;
-  for (int i0 = 0; i0 < items; i0 += kBatch) {
-    if (i0) load_batch(i0);
-    int r = i0 / per_lane, cc = i0 - r * per_lane;
+    for (int m = 0; m < kMaxRows; ++m) acc[m] = 0.f;
+    for (int c0 = lane; c0 < chunks; c0 += 32 * kBatch) {
+      if (r > 0 || c0 != lane) load_batch(n, c0);  // the first batch is already in flight
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int n = first_row + r * warps;
-      if (i0 + u >= items || n >= a.N) break;  // the same for every lane of the warp
-      const int c = lane + 32 * cc;
-      if (c < chunks) {
+      for (int u = 0; u < kBatch; ++u) {
+        const int c = c0 + u * 32;
+        if (c >= chunks) break;
 #pragma unroll
         for (int m = 0; m < kMaxRows; ++m) {
           if (m >= a.M) break;
@@ -293,22 +286,18 @@ __global__ void __launch_bounds__(kWarps * 32, 2) gemv_kernel(GemvArgs a) {
           }
         }
       }
-      if (++cc < per_lane) continue;
-      // Row n is complete: reduce across the warp and write it.
-      cc = 0, ++r;
+    }
 #pragma unroll
-      for (int m = 0; m < kMaxRows; ++m) {
-        if (m >= a.M) break;
-        float v = acc[m];
-        acc[m] = 0.f;
+    for (int m = 0; m < kMaxRows; ++m) {
+      if (m >= a.M) break;
+      float v = acc[m];
 #pragma unroll
-        for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffff, v, off);
-        if (lane == 0) {
-          const int64_t i = static_cast<int64_t>(m) * a.N + n;
-          float out = v;
-          if (a.residual) out = round_to<T>(out) + to_float(static_cast<const T*>(a.residual)[i]);
-          static_cast<T*>(a.y)[i] = from_float<T>(out);
-        }
+      for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffff, v, off);
+      if (lane == 0) {
+        const int64_t i = static_cast<int64_t>(m) * a.N + n;
+        float out = v;
+        if (a.residual) out = round_to<T>(out) + to_float(static_cast<const T*>(a.residual)[i]);
+        static_cast<T*>(a.y)[i] = from_float<T>(out);
       }
     }
   }
@@ -341,13 +330,9 @@ bool launch_gemv(GemvArgs a) {
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem));
-  // As many blocks per SM as fit (2 at the launch bounds; BABYRT_GEMV_BLOCKS_PER_SM caps it, to
-  // measure: with fewer, the next kernel's blocks find room to start early under PDL).
-  static const int cap = [] {
-    const char* v = std::getenv("BABYRT_GEMV_BLOCKS_PER_SM");
-    return v ? std::max(1, std::atoi(v)) : kGemvBlocksPerSm;
-  }();
-  per_sm = std::clamp(per_sm, 1, cap);
+  // As many blocks as fit at once (measured on the H200: capping them at 2 or 1 per SM, so that
+  // the next kernel's blocks could start early under PDL, was slower).
+  per_sm = std::max(per_sm, 1);
   const int64_t row_groups = (a.N + kWarps - 1) / kWarps;  // blocks if each warp took one row
   const int64_t resident = per_sm * static_cast<int64_t>(sms);
   a.rows_per_warp = static_cast<int>((row_groups + resident - 1) / resident);
