@@ -51,13 +51,15 @@ PRESETS = {
         "model": {"dim": 288, "n_layers": 6, "n_heads": 6, "context_length": 512, "dropout": 0.3},
         "train": {**_SEED_TRAIN, "max_steps": 2000, "batch_size": 32},
     },
-    # Fourth and fifth sweeps: a seventh layer (6.26M parameters) and a schedule that ends at
-    # 1,200 steps, before the overfitting starts.
+    # Fourth to sixth sweeps: a seventh layer (6.26M parameters), and an EMA of the weights
+    # (decay 0.999) scored and exported, which keeps improving on val after the raw weights
+    # start to overfit (~1,000 steps).
     "seed-llama2": {
         "model_name": "llama2",
         "model": {"dim": 288, "n_layers": 7, "n_heads": 6, "n_kv_heads": 2, "context_length": 512,
                   "dropout": 0.25},
-        "train": {**_SEED_TRAIN, "max_steps": 1200, "batch_size": 32, "weight_decay": 1.0},
+        "train": {**_SEED_TRAIN, "max_steps": 2000, "batch_size": 32, "weight_decay": 1.0,
+                  "ema_decay": 0.999, "eval_interval": 100},
     },
     # LoRA fine-tuning of a seed-babygpt checkpoint (--base) on a new corpus.
     "seed-lora": {
