@@ -2,9 +2,10 @@
 // Torch found has CUDA. Shapes they do not cover (prefill, odd sizes) run the ATen references.
 //
 // - gemv: y = act(x) @ W^T (+ residual) for M <= kMaxRows rows of x, W float (the dtype of x) or
-//   int8 with group scales. One warp per output row; each lane streams 16-byte weight chunks, so
-//   every weight byte is read once, in full lines. act is the identity, RMSNorm (rmsnorm_linear)
-//   or SwiGLU (swiglu_linear), applied as x is read: the fused ops are one kernel each.
+//   int8 with group scales. act is the identity, RMSNorm (rmsnorm_linear) or SwiGLU
+//   (swiglu_linear): each block computes it once into shared memory (int8 per 16 values for
+//   int8 weights), then its warps stream rows of W against it, so every weight byte is read once,
+//   in full lines. The fused ops are one kernel each.
 // - attention_decode: one token per sequence. RoPE on q and k, k and v written into the cache,
 //   softmax(q K^T / sqrt(D)) V over the filled slots only. One block per (head, sequence).
 //
@@ -13,7 +14,8 @@
 // predecessor's results (griddepcontrol.wait). BABYRT_PDL=0 turns it off, to measure it.
 //
 // Roundings follow the references (ops.cpp): intermediate values are rounded to the dtype of x
-// where the reference rounds them, so that the fused ops track the unfused ones.
+// where the reference rounds them, so that the fused ops track the unfused ones. The one
+// departure: int8 weights meet act(x) rounded to int8 (as on the CPU's VNNI path).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
