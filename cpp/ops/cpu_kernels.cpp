@@ -19,18 +19,18 @@ namespace {
 // How far ahead (bytes) a streamed row is prefetched.
 constexpr int64_t kPrefetchBytes = 1024;
 
-// Prefetch of column k in four consecutive rows starting at row0. A streamed matrix fetches
+// Prefetch of column k in `rows` consecutive rows starting at row0. A streamed matrix fetches
 // kPrefetchBytes ahead, non-temporally (past the last-level cache); otherwise the same line of
-// the next four rows: rows of 288 - 2048 bytes are too short for the hardware prefetcher to ramp
+// the next `rows` rows: rows of 288 - 2048 bytes are too short for the hardware prefetcher to ramp
 // up on, and decode would wait on memory latency.
 template <typename T>
-inline void prefetch_rows(const T* row0, int64_t K, int64_t k, bool stream) {
-  for (int r = 0; r < 4; ++r) {
+inline void prefetch_rows(const T* row0, int64_t K, int64_t k, bool stream, int rows = 4) {
+  for (int r = 0; r < rows; ++r) {
     const T* p = row0 + r * K + k;
     if (stream)
       _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_NTA);
     else
-      _mm_prefetch(reinterpret_cast<const char*>(p + 4 * K), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p + rows * K), _MM_HINT_T0);
   }
 }
 
@@ -187,6 +187,25 @@ BABYRT_VNNI inline __mmask64 byte_mask(int64_t left) {
   return left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
 }
 
+// The eight horizontal sums of a[0..7], as one vector (a transpose-and-add tree: ~24
+// instructions instead of eight separate reductions of ~8 each).
+BABYRT_VNNI inline __m256 sum_rows8(const __m512 (&a)[8]) {
+  __m512 t[4];
+  for (int p = 0; p < 4; ++p)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] of rows 2p, 2p+1
+    t[p] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * p], a[2 * p + 1]),
+                         _mm512_unpackhi_ps(a[2 * p], a[2 * p + 1]));
+  __m512 u[2];
+  for (int h = 0; h < 2; ++h)  // per 128-bit lane: partial sums of rows 4h .. 4h+3
+    u[h] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * h], t[2 * h + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(t[2 * h], t[2 * h + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // lanes: [u0.L0+u0.L1, u0.L2+u0.L3, u1.L0+u1.L1, u1.L2+u1.L3]
+  const __m512 v = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 r = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm512_castps512_ps128(r)),
+                              _mm512_extractf32x4_ps(r, 2), 1);
+}
+
 BABYRT_VNNI void gemv_q8_vnni(const int8_t* W, const float* scales, int64_t group, const float* x,
                               const float* residual, float* y, int64_t K, int64_t n0, int64_t n1,
                               bool stream) {
@@ -219,41 +238,45 @@ BABYRT_VNNI void gemv_q8_vnni(const int8_t* W, const float* scales, int64_t grou
     }
     group_shift[g] = shift;
   }
+  // Eight rows at a time: eight independent DPBUSD chains hide its latency, and x's bytes,
+  // the masks and the loop are shared by eight rows.
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t n = n0; n < n1; n += 4) {
-    const int rows = static_cast<int>(std::min<int64_t>(4, n1 - n));
-    const int8_t* w[4];
-    for (int r = 0; r < 4; ++r) w[r] = W + (n + std::min(r, rows - 1)) * K;  // pad with the last row
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    float shift[4] = {0, 0, 0, 0};
+  for (int64_t n = n0; n < n1; n += 8) {
+    const int rows = static_cast<int>(std::min<int64_t>(8, n1 - n));
+    const int8_t* w[8];
+    int64_t row[8];
+    for (int r = 0; r < 8; ++r) {
+      row[r] = n + std::min(r, rows - 1);  // pad with the last row
+      w[r] = W + row[r] * K;
+    }
+    __m512 acc[8];
+    float shift[8];
+    for (int r = 0; r < 8; ++r) acc[r] = _mm512_setzero_ps(), shift[r] = 0.f;
     for (int64_t g = 0; g < G; ++g) {
-      __m512 part[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      float s[8];
+      for (int r = 0; r < 8; ++r) {
+        s[r] = scales[row[r] * G + g];
+        shift[r] += s[r] * group_shift[g];
+      }
       for (int64_t j = 0; j < blocks_per_group; ++j) {
         const int64_t c0 = g * group + j * kXBlock, c1 = std::min((g + 1) * group, c0 + kXBlock);
-        __m512i i0 = _mm512_setzero_si512(), i1 = i0, i2 = i0, i3 = i0;
+        __m512i i[8];
+        for (int r = 0; r < 8; ++r) i[r] = _mm512_setzero_si512();
         for (int64_t k = c0; k < c1; k += 64) {
-          prefetch_rows(W + n * K, K, k, stream);
+          prefetch_rows(W + n * K, K, k, stream, 8);
           const __mmask64 m = byte_mask(c1 - k);
           const __m512i xv = _mm512_maskz_loadu_epi8(m, xq + k);  // masked-off lanes: x = 0
-          i0 = _mm512_dpbusd_epi32(i0, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[0] + k), flip), xv);
-          i1 = _mm512_dpbusd_epi32(i1, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[1] + k), flip), xv);
-          i2 = _mm512_dpbusd_epi32(i2, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[2] + k), flip), xv);
-          i3 = _mm512_dpbusd_epi32(i3, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[3] + k), flip), xv);
+          for (int r = 0; r < 8; ++r)
+            i[r] = _mm512_dpbusd_epi32(i[r], _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[r] + k), flip), xv);
         }
-        const __m512 step = _mm512_set1_ps(block_scale[g * blocks_per_group + j]);
-        part[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), step, part[0]);
-        part[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), step, part[1]);
-        part[2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i2), step, part[2]);
-        part[3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i3), step, part[3]);
-      }
-      for (int r = 0; r < 4; ++r) {
-        const float s = scales[(n + std::min(r, rows - 1)) * G + g];
-        acc[r] = _mm512_fmadd_ps(part[r], _mm512_set1_ps(s), acc[r]);
-        shift[r] += s * group_shift[g];
+        const float step = block_scale[g * blocks_per_group + j];
+        for (int r = 0; r < 8; ++r)
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i[r]), _mm512_set1_ps(step * s[r]), acc[r]);
       }
     }
-    for (int r = 0; r < rows; ++r)
-      y[n + r] = _mm512_reduce_add_ps(acc[r]) - shift[r] + (residual ? residual[n + r] : 0.f);
+    alignas(32) float out[8];
+    _mm256_store_ps(out, sum_rows8(acc));
+    for (int r = 0; r < rows; ++r) y[n + r] = out[r] - shift[r] + (residual ? residual[n + r] : 0.f);
   }
 }
 
@@ -369,7 +392,7 @@ void rope(float* x, const float* cos, const float* sin, int64_t n_heads, int64_t
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void attend_one(float* q, const float* cos, const float* sin, const float* k, const float* v,
+void attend_one_generic(float* q, const float* cos, const float* sin, const float* k, const float* v,
                 int64_t n_slots, int64_t D, float* scores, float* out) {
   if (cos) rope(q, cos, sin, 1, D);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -395,6 +418,75 @@ void attend_one(float* q, const float* cos, const float* sin, const float* k, co
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) out[d] += p * vs[d];
   }
+}
+
+namespace {
+
+// exp(x) for x <= 0 (scores less their maximum): 2^(x log2 e) as 2^i * 2^f, f in [-1/2, 1/2],
+// 2^f by its Taylor series to degree 7 (relative error ~1e-8, below fp32's rounding).
+BABYRT_AVX512 inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(1.44269504f));
+  const __m512 i = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, i), _mm512_set1_ps(0.693147181f));  // f ln 2
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f})
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, i);
+}
+
+// One query against slots 0..n_slots-1, head size 16 * NV: q and the output stay in registers;
+// scores of 16 slots go through the exponential at once.
+template <int NV>
+BABYRT_AVX512 void attend_one_avx512(float* q, const float* cos, const float* sin, const float* k,
+                                     const float* v, int64_t n_slots, float* scores, float* out) {
+  constexpr int64_t D = 16 * NV;
+  if (cos) rope(q, cos, sin, 1, D);
+  const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(D)));
+  __m512 qv[NV];
+  for (int j = 0; j < NV; ++j) qv[j] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * j), scale);
+  float max_score = -INFINITY;
+  for (int64_t s = 0; s < n_slots; ++s) {
+    const float* ks = k + s * D;
+    __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(ks));
+    for (int j = 1; j < NV; ++j) acc = _mm512_fmadd_ps(qv[j], _mm512_loadu_ps(ks + 16 * j), acc);
+    scores[s] = _mm512_reduce_add_ps(acc);
+    max_score = std::max(max_score, scores[s]);
+  }
+  const __m512 mx = _mm512_set1_ps(max_score);
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t s = 0; s < n_slots; s += 16) {
+    const __mmask16 m = tail_mask(n_slots - s);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + s), mx));
+    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
+    _mm512_mask_storeu_ps(scores + s, m, e);
+  }
+  const float inv = 1.0f / _mm512_reduce_add_ps(total);
+  __m512 o[NV];
+  for (int j = 0; j < NV; ++j) o[j] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < n_slots; ++s) {
+    const __m512 p = _mm512_set1_ps(scores[s]);
+    const float* vs = v + s * D;
+    for (int j = 0; j < NV; ++j) o[j] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vs + 16 * j), o[j]);
+  }
+  for (int j = 0; j < NV; ++j) _mm512_storeu_ps(out + 16 * j, _mm512_mul_ps(o[j], _mm512_set1_ps(inv)));
+}
+
+}  // namespace
+
+void attend_one(float* q, const float* cos, const float* sin, const float* k, const float* v,
+                int64_t n_slots, int64_t D, float* scores, float* out) {
+  if (kIsa == Isa::kAvx512 || kIsa == Isa::kAvx512Vnni) {
+    switch (D) {
+      case 16: return attend_one_avx512<1>(q, cos, sin, k, v, n_slots, scores, out);
+      case 32: return attend_one_avx512<2>(q, cos, sin, k, v, n_slots, scores, out);
+      case 48: return attend_one_avx512<3>(q, cos, sin, k, v, n_slots, scores, out);
+      case 64: return attend_one_avx512<4>(q, cos, sin, k, v, n_slots, scores, out);
+      case 96: return attend_one_avx512<6>(q, cos, sin, k, v, n_slots, scores, out);
+      case 128: return attend_one_avx512<8>(q, cos, sin, k, v, n_slots, scores, out);
+      default: break;
+    }
+  }
+  attend_one_generic(q, cos, sin, k, v, n_slots, D, scores, out);
 }
 
 }  // namespace babyrt::cpu
