@@ -34,6 +34,16 @@ inline void prefetch_rows(const T* row0, int64_t K, int64_t k, bool stream, int 
   }
 }
 
+// Prefetch of `lines` cache lines from p on. The 8-row int8 kernel walks its rows' block (8 K
+// contiguous bytes) at 8 lines per step and prefetches the same stretch kAheadBytes further on:
+// from DRAM this lifts the GEMVs of a model larger than the cache from 12-16 to 19-23 GB/s
+// (2 threads; per-row or next-rows prefetch kept too few lines in flight). Cached weights are
+// not slowed by it.
+constexpr int64_t kAheadBytes = 16384;
+inline void prefetch_lines(const char* p, int lines) {
+  for (int j = 0; j < lines; ++j) _mm_prefetch(p + 64 * j, _MM_HINT_T0);
+}
+
 enum class Isa { kScalar, kAvx2, kAvx512, kAvx512Vnni };
 
 // BABYRT_CPU_ISA=avx2|scalar caps the choice, so that every variant can be tested on one CPU.
@@ -207,8 +217,7 @@ BABYRT_VNNI inline __m256 sum_rows8(const __m512 (&a)[8]) {
 }
 
 BABYRT_VNNI void gemv_q8_vnni(const int8_t* W, const float* scales, int64_t group, const float* x,
-                              const float* residual, float* y, int64_t K, int64_t n0, int64_t n1,
-                              bool stream) {
+                              const float* residual, float* y, int64_t K, int64_t n0, int64_t n1) {
   const int64_t G = K / group, blocks_per_group = (group + kXBlock - 1) / kXBlock;
   thread_local std::vector<int8_t> xq_buf;
   thread_local std::vector<float> block_scale, group_shift;
@@ -263,7 +272,7 @@ BABYRT_VNNI void gemv_q8_vnni(const int8_t* W, const float* scales, int64_t grou
         __m512i i[8];
         for (int r = 0; r < 8; ++r) i[r] = _mm512_setzero_si512();
         for (int64_t k = c0; k < c1; k += 64) {
-          prefetch_rows(W + n * K, K, k, stream, 8);
+          prefetch_lines(reinterpret_cast<const char*>(W + n * K) + 8 * k + kAheadBytes, 8);
           const __mmask64 m = byte_mask(c1 - k);
           const __m512i xv = _mm512_maskz_loadu_epi8(m, xq + k);  // masked-off lanes: x = 0
           for (int r = 0; r < 8; ++r)
@@ -369,7 +378,7 @@ void gemv_q8(const int8_t* W, const float* scales, int64_t group, const float* x
   switch (kIsa) {
     case Isa::kAvx512Vnni:
       if (group % 16 == 0)
-        return gemv_q8_vnni(W, scales, group, x, residual, y, K, n0, n1, stream);
+        return gemv_q8_vnni(W, scales, group, x, residual, y, K, n0, n1);
       [[fallthrough]];
     case Isa::kAvx512: return gemv_q8_avx512(W, scales, group, x, residual, y, K, n0, n1, stream);
     case Isa::kAvx2: return gemv_q8_avx2(W, scales, group, x, residual, y, K, n0, n1, stream);
