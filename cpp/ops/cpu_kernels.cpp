@@ -254,6 +254,10 @@ BABYRT_VNNI void gemv_q8_vnni(const int8_t* W, const float* scales, int64_t grou
     }
     group_shift[g] = shift;
   }
+  // The first kAheadBytes of this thread's rows: the loop below prefetches that far ahead, so
+  // without this the start of every call would wait on memory line by line.
+  const int64_t head = std::min<int64_t>(kAheadBytes, (n1 - n0) * K);
+  prefetch_lines(reinterpret_cast<const char*>(W + n0 * K), static_cast<int>(head / 64));
   // Eight rows at a time: eight independent DPBUSD chains hide its latency, and x's bytes,
   // the masks and the loop are shared by eight rows.
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
