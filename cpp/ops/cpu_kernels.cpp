@@ -21,8 +21,8 @@ constexpr int64_t kPrefetchBytes = 1024;
 
 // Prefetch of column k in four consecutive rows starting at row0 (the AVX2 and int8 AVX-512
 // kernels). A streamed matrix fetches kPrefetchBytes ahead, non-temporally (past the last-level
-// cache); otherwise the same line of the next four rows: rows of 288 - 2048 bytes are too short for the hardware prefetcher to ramp
-// up on, and decode would wait on memory latency.
+// cache); otherwise the same line of the next four rows: rows of 288 - 2048 bytes are too short
+// for the hardware prefetcher to ramp up on, and decode would wait on memory latency.
 template <typename T>
 inline void prefetch_rows(const T* row0, int64_t K, int64_t k, bool stream) {
   for (int r = 0; r < 4; ++r) {
@@ -37,7 +37,7 @@ inline void prefetch_rows(const T* row0, int64_t K, int64_t k, bool stream) {
 // Prefetch of `lines` cache lines from p on (non-temporally for a streamed matrix). The
 // AVX-512 kernels walk their block of rows (contiguous) a few lines per step and prefetch the
 // same stretch kAheadBytes further on: from DRAM this lifts int8 GEMVs from 12-16 to 19-28 GB/s
-// and the stories15M fp32 step from ~3.0 to ~2.2 ms (2 threads; prefetching per row, or the
+// and the stories15M fp32 step from ~3.0 to ~2.1 ms (2 threads; prefetching per row, or the
 // next rows' same column, kept too few lines in flight). Cached weights are not slowed by it.
 constexpr int64_t kAheadBytes = 16384;
 inline void prefetch_lines(const char* p, int lines, bool stream = false) {
@@ -412,8 +412,8 @@ void rope(float* x, const float* cos, const float* sin, int64_t n_heads, int64_t
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void attend_one_generic(float* q, const float* cos, const float* sin, const float* k, const float* v,
-                int64_t n_slots, int64_t D, float* scores, float* out) {
+void attend_one_generic(float* q, const float* cos, const float* sin, const float* k,
+                        const float* v, int64_t n_slots, int64_t D, float* scores, float* out) {
   if (cos) rope(q, cos, sin, 1, D);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   float max_score = -INFINITY;
