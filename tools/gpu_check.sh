@@ -3,7 +3,7 @@
 # benchmarks. Results land in $OUT (or ./gpu_out).
 # Usage: bash tools/gpu_check.sh [tests|int8|bench|seed|sweep|mfu|all]...
 #   sweep: tools/seed_sweep.py over the specs in $SWEEP_FILE (one NAME:PRESET:JSON per line), all
-#   at once on the GPU, while the tests run (the timing benchmarks run before it).
+#   at once on the GPU, while the tests run (int8 runs before it, bench after it).
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 CMAKE_CUDA_ARCHITECTURES=90 CMAKE_BUILD_PARALLEL_LEVEL=16
@@ -32,6 +32,14 @@ if [[ $what == *tests* || $what == all ]]; then
     > "$OUT/pytest.log" 2>&1
   echo "pytest exit $?"; grep -E "passed|failed|Fatal|Segmentation|File \"$repo" "$OUT/pytest.log" | tail -15
 fi
+if [[ -n ${sweep_pid:-} ]]; then
+  wait $sweep_pid; cat "$OUT/sweep.md"; tail -3 "$OUT/sweep.err"
+  # int8 accuracy through the CUDA kernels, on the first run's checkpoint.
+  ckpt=$(ls -d "$OUT"/sweep/*/ | head -1)
+  python3 "$repo/benchmarks/int8_accuracy.py" "$ckpt" --device cuda --kernel-path --max-windows 40 \
+    --json "$OUT/int8_accuracy_cuda.json" 2>&1 | grep -v Warn
+  (cd "$OUT" && tar czf sweep_logs.tar.gz sweep/*/log.json sweep/*/summary.json sweep/*/config.json && rm -rf sweep)
+fi
 if [[ $what == *bench* || $what == all ]]; then
   for shape in ${BENCH_SHAPES:-stories15M stories110M 1b-gqa}; do
     babyrt bench --shape $shape --device cuda --quantize int8 --json "$OUT/bench_$shape.json" \
@@ -51,14 +59,6 @@ if [[ $what == *seed* || $what == all ]]; then
   # Only the logs come back (the device returns at most 8 files).
   (cd "$OUT" && tar czf seed_runs.tar.gz seed-*/log.json seed-*/summary.json seed-*/config.json \
      seed-*/loss.png seed-*.log && rm -rf seed-*)
-fi
-if [[ -n ${sweep_pid:-} ]]; then
-  wait $sweep_pid; cat "$OUT/sweep.md"; tail -3 "$OUT/sweep.err"
-  # int8 accuracy through the CUDA kernels, on the first run's checkpoint.
-  ckpt=$(ls -d "$OUT"/sweep/*/ | head -1)
-  python3 "$repo/benchmarks/int8_accuracy.py" "$ckpt" --device cuda --kernel-path --max-windows 40 \
-    --json "$OUT/int8_accuracy_cuda.json" 2>&1 | grep -v Warn
-  (cd "$OUT" && tar czf sweep_logs.tar.gz sweep/*/log.json sweep/*/summary.json sweep/*/config.json && rm -rf sweep)
 fi
 if [[ $what == *mfu* || $what == all ]]; then
   python3 "$repo/benchmarks/train_mfu.py" --json "$OUT/train_mfu.json" 2>&1 | tail -3
