@@ -8,7 +8,7 @@ The loss is the mean next-token cross-entropy over consecutive, non-overlapping 
 context each covering the checkpoint's validation split (the same split training used).
 Windows of a context run as the ATen reference (dequantize, then matmul: more rows than the GEMV
 kernels take). --kernel-path scores 64-token windows one at a time instead, so that every linear
-runs the decode kernels (on the CPU: int8 activations per block of 256), and the same windows
+runs the decode kernels (on the CPU: int8 activations per block of 512), and the same windows
 batched through the reference beside them: the difference is what the kernels' activation
 rounding costs. On CUDA, whose GEMV takes at most 8 rows, those windows are 8 tokens long (int8
 activations per 16 values there).
