@@ -100,6 +100,18 @@ def test_ema_weights_are_scored_and_exported(tmp_path, corpus_file):
     with pytest.raises(ValueError, match="ema_decay"):
         train(corpus_file, tmp_path / "bad", "llama2", preset="tiny", progress=False,
               train_overrides={"ema_decay": 1.0})
+    # Switched on at resume: the average starts from the resumed weights.
+    train(corpus_file, tmp_path / "late", "llama2", preset="tiny", progress=False,
+          train_overrides={"max_steps": 10, "eval_interval": 10})
+    before = torch.load(tmp_path / "late" / "state.pt", weights_only=True)["model"]
+    train(None, tmp_path / "late", resume=True, progress=False,
+          train_overrides={"max_steps": 12, "ema_decay": 0.5})
+    log = json.loads((tmp_path / "late" / "log.json").read_text())
+    assert [h["step"] for h in log] == [0, 10, 12]  # step 10 is not scored twice
+    ema = torch.load(tmp_path / "late" / "state.pt", weights_only=True)["ema"]
+    assert ema["n_averaged"].item() == 2
+    # Two updates at decay 0.5 from the resumed weights: the average moved off them.
+    assert any(not torch.equal(v, ema["module." + k]) for k, v in before.items())
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

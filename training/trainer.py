@@ -1,9 +1,8 @@
 """The training loop, top to bottom: data -> model -> AdamW (decay on matrices only) -> warmup +
 cosine LR -> gradient accumulation and clipping -> bf16/fp16 autocast (fp16 with a GradScaler) ->
-optional torch.compile -> DDP under torchrun -> an optional moving average of the weights (EMA)
--> eval every N steps with a tqdm bar, CSV/JSON logs,
-a loss-curve PNG, tokens/s and MFU -> the best-val checkpoint for export, and a full training
-state for bit-identical resume.
+optional torch.compile -> DDP under torchrun -> an optional moving average of the weights (EMA) ->
+eval every N steps with a tqdm bar, CSV/JSON logs, a loss-curve PNG, tokens/s and MFU -> the
+best-val checkpoint for export, and a full training state for bit-identical resume.
 
 A checkpoint directory holds config.json, checkpoint.pt (best val weights), state.pt (everything
 needed to resume), tokenizer.bin (+ tokenizer.model for sentencepiece), tokens.bin, log.csv,
@@ -340,8 +339,10 @@ def train(data_file, out_dir, model_name: Optional[str] = None, preset: Optional
         model.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
         scaler.load_state_dict(st["scaler"])
-        if ema is not None:
+        if ema is not None and "ema" in st:
             ema.load_state_dict(st["ema"])
+        elif ema is not None:  # EMA switched on at resume: it starts from the weights resumed
+            ema.module.load_state_dict(model.state_dict())
         gen.set_state(st["data_rng"].cpu())
         eval_gen.set_state(st["eval_rng"].cpu())
         torch.set_rng_state(st["torch_rng"].cpu())
@@ -386,7 +387,8 @@ def train(data_file, out_dir, model_name: Optional[str] = None, preset: Optional
     model.train()
     with _stop_on_signal() as stop_flag:
         for step in bar:
-            if step % tcfg.eval_interval == 0 or step == tcfg.max_steps:
+            evaluated = bool(history) and history[-1]["step"] == step  # a finished run resumed
+            if (step % tcfg.eval_interval == 0 or step == tcfg.max_steps) and not evaluated:
                 if device_type == "cuda":
                     torch.cuda.synchronize()
                 train_seconds += time.perf_counter() - t_mark
