@@ -16,27 +16,9 @@ namespace {
 #define BABYRT_VNNI \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
 
-// How far ahead (bytes) a streamed row is prefetched.
-constexpr int64_t kPrefetchBytes = 1024;
-
-// Prefetch of column k in four consecutive rows starting at row0 (the AVX2 and int8 AVX-512
-// kernels). A streamed matrix fetches kPrefetchBytes ahead, non-temporally (past the last-level
-// cache); otherwise the same line of the next four rows: rows of 288 - 2048 bytes are too short
-// for the hardware prefetcher to ramp up on, and decode would wait on memory latency.
-template <typename T>
-inline void prefetch_rows(const T* row0, int64_t K, int64_t k, bool stream) {
-  for (int r = 0; r < 4; ++r) {
-    const T* p = row0 + r * K + k;
-    if (stream)
-      _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_NTA);
-    else
-      _mm_prefetch(reinterpret_cast<const char*>(p + 4 * K), _MM_HINT_T0);
-  }
-}
-
 // Prefetch of `lines` cache lines from p on, into L2.
-// The AVX-512 kernels walk their block of rows (contiguous) a few lines per step and prefetch
-// the same stretch kAheadBytes further on. From DRAM (2 threads) this lifts int8 GEMVs from
+// The SIMD kernels walk their block of rows (contiguous) a few lines per step and prefetch the
+// same stretch kAheadBytes further on. From DRAM (2 threads) this lifts int8 GEMVs from
 // 12-16 to 21-28 GB/s and the stories15M fp32 step from ~3.0 to ~2.1 ms; prefetching per row, or
 // the next rows' same column, kept too few lines in flight. Into L2 rather than L1 (T1, not T0):
 // one thread 15 -> 18 GB/s, the stories110M int8 step ~6.5 -> ~5.4 ms, since L1's few miss
@@ -144,7 +126,7 @@ BABYRT_AVX512 inline __m512 load_q8(const int8_t* p, __mmask16 m) {
 
 BABYRT_AVX512 void gemv_q8_avx512(const int8_t* W, const float* scales, int64_t group,
                                   const float* x, const float* residual, float* y, int64_t K,
-                                  int64_t n0, int64_t n1, bool stream) {
+                                  int64_t n0, int64_t n1) {
   const int64_t G = K / group;
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
@@ -159,7 +141,7 @@ BABYRT_AVX512 void gemv_q8_avx512(const int8_t* W, const float* scales, int64_t 
       const int64_t end = (g + 1) * group;
       for (int64_t k = g * group; k < end; k += 16) {
         const __mmask16 m = tail_mask(end - k);
-        if ((k & 63) == 0) prefetch_rows(w0, K, k, stream);
+        if ((k & 63) == 0) prefetch_lines(reinterpret_cast<const char*>(w0 + 4 * k) + kAheadBytes, 4);
         const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
         p0 = _mm512_fmadd_ps(load_q8(w0 + k, m), xv, p0);
         p1 = _mm512_fmadd_ps(load_q8(w1 + k, m), xv, p1);
@@ -312,7 +294,7 @@ BABYRT_AVX2 inline float hsum(__m256 v) {
 }
 
 BABYRT_AVX2 void gemv_f32_avx2(const float* W, const float* x, const float* residual, float* y,
-                               int64_t K, int64_t n0, int64_t n1, bool stream) {
+                               int64_t K, int64_t n0, int64_t n1) {
   const int64_t K8 = K & ~int64_t{7};
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
@@ -322,7 +304,7 @@ BABYRT_AVX2 void gemv_f32_avx2(const float* W, const float* x, const float* resi
     const float* w3 = w2 + K;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t k = 0; k < K8; k += 8) {
-      if ((k & 15) == 0) prefetch_rows(w0, K, k, stream);
+      if ((k & 15) == 0) prefetch_lines(reinterpret_cast<const char*>(w0 + 4 * k) + kAheadBytes, 4);
       const __m256 xv = _mm256_loadu_ps(x + k);
       a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), xv, a0);
       a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), xv, a1);
@@ -346,8 +328,7 @@ BABYRT_AVX2 inline __m256 load_q8(const int8_t* p) {
 }
 
 BABYRT_AVX2 void gemv_q8_avx2(const int8_t* W, const float* scales, int64_t group, const float* x,
-                              const float* residual, float* y, int64_t K, int64_t n0, int64_t n1,
-                              bool stream) {
+                              const float* residual, float* y, int64_t K, int64_t n0, int64_t n1) {
   if (group % 8) return gemv_q8_scalar(W, scales, group, x, residual, y, K, n0, n1);
   const int64_t G = K / group;
   for (int64_t n = n0; n < n1; ++n) {
@@ -356,8 +337,7 @@ BABYRT_AVX2 void gemv_q8_avx2(const int8_t* W, const float* scales, int64_t grou
     for (int64_t g = 0; g < G; ++g) {
       __m256 p = _mm256_setzero_ps();
       for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
-        if (stream && (k & 63) == 0)
-          _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetchBytes), _MM_HINT_NTA);
+        if ((k & 63) == 0) prefetch_lines(reinterpret_cast<const char*>(w + k) + kAheadBytes, 1);
         p = _mm256_fmadd_ps(load_q8(w + k), _mm256_loadu_ps(x + k), p);
       }
       a = _mm256_fmadd_ps(p, _mm256_set1_ps(scales[n * G + g]), a);
@@ -378,24 +358,24 @@ const char* isa() {
 }
 
 void gemv_f32(const float* W, const float* x, const float* residual, float* y, int64_t K,
-              int64_t n0, int64_t n1, bool stream) {
+              int64_t n0, int64_t n1) {
   switch (kIsa) {
     case Isa::kAvx512Vnni:
     case Isa::kAvx512: return gemv_f32_avx512(W, x, residual, y, K, n0, n1);
-    case Isa::kAvx2: return gemv_f32_avx2(W, x, residual, y, K, n0, n1, stream);
+    case Isa::kAvx2: return gemv_f32_avx2(W, x, residual, y, K, n0, n1);
     default: return gemv_f32_scalar(W, x, residual, y, K, n0, n1);
   }
 }
 
 void gemv_q8(const int8_t* W, const float* scales, int64_t group, const float* x,
-             const float* residual, float* y, int64_t K, int64_t n0, int64_t n1, bool stream) {
+             const float* residual, float* y, int64_t K, int64_t n0, int64_t n1) {
   switch (kIsa) {
     case Isa::kAvx512Vnni:
       if (group % 16 == 0)
         return gemv_q8_vnni(W, scales, group, x, residual, y, K, n0, n1);
       [[fallthrough]];
-    case Isa::kAvx512: return gemv_q8_avx512(W, scales, group, x, residual, y, K, n0, n1, stream);
-    case Isa::kAvx2: return gemv_q8_avx2(W, scales, group, x, residual, y, K, n0, n1, stream);
+    case Isa::kAvx512: return gemv_q8_avx512(W, scales, group, x, residual, y, K, n0, n1);
+    case Isa::kAvx2: return gemv_q8_avx2(W, scales, group, x, residual, y, K, n0, n1);
     default: return gemv_q8_scalar(W, scales, group, x, residual, y, K, n0, n1);
   }
 }

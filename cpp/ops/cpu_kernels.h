@@ -11,17 +11,15 @@ namespace babyrt::cpu {
 const char* isa();
 
 // y[n] = dot(W[n, :], x) (+ residual[n]) for rows n in [n0, n1). W is row-major [N, K].
-// stream: the matrix is larger than the last-level cache, so its lines are fetched
-// non-temporally and do not evict the weights that do fit there.
 void gemv_f32(const float* W, const float* x, const float* residual, float* y, int64_t K,
-              int64_t n0, int64_t n1, bool stream);
+              int64_t n0, int64_t n1);
 
 // Same with int8 weights and one float scale per group of `group` columns:
 // scales is [N, K / group]; group divides K. With AVX512-VNNI (group a multiple of 16) x is
-// quantized to int8 per block of up to 256 columns first: each block's error is at most half a
+// quantized to int8 per block of up to 512 columns first: each block's error is at most half a
 // step of its max|x| / 127.
 void gemv_q8(const int8_t* W, const float* scales, int64_t group, const float* x,
-             const float* residual, float* y, int64_t K, int64_t n0, int64_t n1, bool stream);
+             const float* residual, float* y, int64_t K, int64_t n0, int64_t n1);
 
 // Attention of one query row against a cache, with RoPE applied to q (interleaved pairs):
 // out[d] = sum_s softmax_s(q . k_s / sqrt(D)) v_s over slots s in [0, n_slots).

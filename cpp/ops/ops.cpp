@@ -43,8 +43,6 @@ std::string cat(const Args&... args) {
 // that reuses each weight across rows. int8 gains more from GEMVs, which skip the dequantize.
 constexpr int64_t kMaxGemvRows = 4;
 constexpr int64_t kMaxGemvRowsInt8 = 64;
-// A weight matrix larger than this is streamed past the last-level cache (cpu_kernels.h).
-constexpr int64_t kStreamBytes = 16 << 20;
 
 at::Tensor call_linear(const at::Tensor& x, const at::Tensor& w, const OptTensor& scales,
                        const OptTensor& residual) {
@@ -195,7 +193,6 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const OptTensor&
   const float* xp = xc.const_data_ptr<float>();
   const float* rp = rc.defined() ? rc.const_data_ptr<float>() : nullptr;
   float* yp = out.mutable_data_ptr<float>();
-  const bool stream = wc.nbytes() > static_cast<size_t>(kStreamBytes);
   // With several rows of x, blocks of 64 weight rows are reused from L1/L2 across them.
   const int64_t block = M == 1 ? N : 64;
   at::parallel_for(0, N, 32, [&](int64_t n0, int64_t n1) {
@@ -205,9 +202,9 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const OptTensor&
         const float* r = rp ? rp + m * N : nullptr;
         if (q8)
           cpu::gemv_q8(wc.const_data_ptr<int8_t>(), sc.const_data_ptr<float>(), K / sc.size(1),
-                       xp + m * K, r, yp + m * N, K, b0, b1, stream);
+                       xp + m * K, r, yp + m * N, K, b0, b1);
         else
-          cpu::gemv_f32(wc.const_data_ptr<float>(), xp + m * K, r, yp + m * N, K, b0, b1, stream);
+          cpu::gemv_f32(wc.const_data_ptr<float>(), xp + m * K, r, yp + m * N, K, b0, b1);
       }
     }
   });
