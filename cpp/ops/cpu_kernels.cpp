@@ -30,6 +30,13 @@ inline void prefetch_lines(const char* p, int lines) {
   for (int j = 0; j < lines; ++j) _mm_prefetch(p + 64 * j, _MM_HINT_T1);
 }
 
+// The first kAheadBytes of a thread's block of `bytes` bytes: its loop prefetches that far
+// ahead, so without this the start of every call would wait on memory line by line.
+inline void prefetch_start(const void* block, int64_t bytes) {
+  prefetch_lines(static_cast<const char*>(block),
+                 static_cast<int>(std::min<int64_t>(kAheadBytes, bytes) / 64));
+}
+
 enum class Isa { kScalar, kAvx2, kAvx512, kAvx512Vnni };
 
 // BABYRT_CPU_ISA=avx2|scalar caps the choice, so that every variant can be tested on one CPU.
@@ -84,9 +91,7 @@ BABYRT_AVX512 inline __mmask16 tail_mask(int64_t left) {
 // Four rows at a time share each load of x.
 BABYRT_AVX512 void gemv_f32_avx512(const float* W, const float* x, const float* residual,
                                    float* y, int64_t K, int64_t n0, int64_t n1) {
-  // The first kAheadBytes of this thread's rows (the loop prefetches that far ahead).
-  const int64_t head = std::min<int64_t>(kAheadBytes, (n1 - n0) * K * 4);
-  prefetch_lines(reinterpret_cast<const char*>(W + n0 * K), static_cast<int>(head / 64));
+  prefetch_start(W + n0 * K, (n1 - n0) * K * static_cast<int64_t>(sizeof(float)));
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
     const float* w0 = W + n * K;
@@ -239,10 +244,7 @@ BABYRT_VNNI void gemv_q8_vnni(const int8_t* W, const float* scales, int64_t grou
     }
     group_shift[g] = shift;
   }
-  // The first kAheadBytes of this thread's rows: the loop below prefetches that far ahead, so
-  // without this the start of every call would wait on memory line by line.
-  const int64_t head = std::min<int64_t>(kAheadBytes, (n1 - n0) * K);
-  prefetch_lines(reinterpret_cast<const char*>(W + n0 * K), static_cast<int>(head / 64));
+  prefetch_start(W + n0 * K, (n1 - n0) * K);
   // Eight rows at a time: eight independent DPBUSD chains hide its latency, and x's bytes,
   // the masks and the loop are shared by eight rows.
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
