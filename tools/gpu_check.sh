@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build babyrt with CUDA, run the CUDA tests, and run the GPU
 # benchmarks. Results land in $OUT (or ./gpu_out).
-# Usage: bash tools/gpu_check.sh [tests|int8|bench|seed|sweep|mfu|all]...
+# Usage: bash tools/gpu_check.sh [tests|int8|bench|profile|seed|sweep|mfu|all]...
+#   profile: the kernels of a decode step, per shape (benchmarks/cuda_decode_profile.py).
 #   sweep: tools/seed_sweep.py over the specs in $SWEEP_FILE (one NAME:PRESET:JSON per line), all
 #   at once on the GPU, while the tests run (int8 runs before it, bench after it).
 set -uo pipefail
@@ -45,6 +46,16 @@ if [[ $what == *bench* || $what == all ]]; then
     babyrt bench --shape $shape --device cuda --quantize int8 --json "$OUT/bench_$shape.json" \
       ${BENCH_ARGS:-} 2>&1 | grep -v Warning
   done
+fi
+if [[ $what == *profile* ]]; then
+  for shape in ${BENCH_SHAPES:-stories15M stories110M 1b-gqa}; do
+    for q in "" "--quantize int8"; do
+      python3 "$repo/benchmarks/cuda_decode_profile.py" --shape $shape $q \
+        --json "$OUT/profile_${shape}${q:+_int8}.json" 2>&1 | grep -v Warning
+    done
+  done
+  BABYRT_GRAPH_STEPS=1 python3 "$repo/benchmarks/cuda_decode_profile.py" --shape stories15M --top 0 \
+    2>&1 | grep -v Warning | sed 's/^/one graph per token: /'
 fi
 if [[ $what == *seed* || $what == all ]]; then
   # The seed table, every model at once on the one GPU (each is far too small to fill it).

@@ -170,45 +170,73 @@ std::vector<std::vector<int32_t>> DeviceLoop::advance(int64_t steps) {
   return out;
 }
 
+#ifdef BABYRT_WITH_CUDA
+// The most steps one graph holds: a power of two, 16 unless BABYRT_GRAPH_STEPS says otherwise
+// (1 replays one graph per token, to measure what fewer launches win).
+static int64_t max_graph_steps() {
+  static const int64_t most = [] {
+    const char* v = std::getenv("BABYRT_GRAPH_STEPS");
+    const int64_t want = std::clamp<int64_t>(v ? std::atoll(v) : 16, 1, 64);
+    int64_t p = 1;
+    while (2 * p <= want) p *= 2;
+    return p;
+  }();
+  return most;
+}
+
+std::unique_ptr<DeviceLoop::Graph> DeviceLoop::capture(int64_t steps) {
+  // A capture cannot use the default stream: it runs on a side stream, after everything queued.
+  c10::cuda::getCurrentCUDAStream().synchronize();
+  c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool();
+  auto g = std::make_unique<Graph>();
+  {
+    const c10::cuda::CUDAStreamGuard stream_guard(side);
+    try {
+      g->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+      for (int64_t s = 0; s < steps; ++s) step();
+      g->graph.capture_end();
+    } catch (const std::exception&) {
+      // Something in the step cannot be captured: decode without graphs from now on.
+      cudaStreamCaptureStatus status;
+      if (cudaStreamIsCapturing(side.stream(), &status) == cudaSuccess &&
+          status != cudaStreamCaptureStatusNone) {
+        cudaGraph_t broken = nullptr;
+        cudaStreamEndCapture(side.stream(), &broken);
+        if (broken) cudaGraphDestroy(broken);
+      }
+      (void)cudaGetLastError();
+      graph_failed_ = true;
+      g.reset();
+    }
+  }
+  side.synchronize();
+  return g;
+}
+#endif
+
 void DeviceLoop::run_steps(int64_t n) {
   c10::InferenceMode guard;
 #ifdef BABYRT_WITH_CUDA
   if (backend_.device().is_cuda() && !graph_failed_) {
-    if (!graph_) {
-      // Warm-up steps and the capture run on a side stream (a capture cannot use the default
-      // stream), after everything queued so far.
-      const c10::cuda::CUDAGuard device_guard(backend_.device());
+    const c10::cuda::CUDAGuard device_guard(backend_.device());
+    if (eager_steps_ < kWarmupSteps && n > 0) {
       c10::cuda::getCurrentCUDAStream().synchronize();
       c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool();
       {
         const c10::cuda::CUDAStreamGuard stream_guard(side);
         for (; n > 0 && eager_steps_ < kWarmupSteps; --n, ++eager_steps_) step();
-        if (eager_steps_ == kWarmupSteps) {
-          auto g = std::make_unique<Graph>();
-          try {
-            g->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
-            step();
-            g->graph.capture_end();
-            graph_ = std::move(g);
-          } catch (const std::exception&) {
-            // Something in the step cannot be captured: decode without a graph from now on.
-            cudaStreamCaptureStatus status;
-            if (cudaStreamIsCapturing(side.stream(), &status) == cudaSuccess &&
-                status != cudaStreamCaptureStatusNone) {
-              cudaGraph_t broken = nullptr;
-              cudaStreamEndCapture(side.stream(), &broken);
-              if (broken) cudaGraphDestroy(broken);
-            }
-            (void)cudaGetLastError();
-            graph_failed_ = true;
-          }
-        }
       }
       side.synchronize();
     }
-    if (graph_) {
-      for (; n > 0; --n) graph_->graph.replay();
-      return;
+    // n as a sum of powers of two, largest first: a replay per term. A graph captures steps
+    // without running them, so each is replayed for the run it was captured for.
+    while (n > 0 && !graph_failed_) {
+      size_t i = 0;
+      while ((int64_t{2} << i) <= std::min(n, max_graph_steps())) ++i;
+      if (graphs_.size() <= i) graphs_.resize(i + 1);
+      if (!graphs_[i] && !(graphs_[i] = capture(int64_t{1} << i))) break;
+      graphs_[i]->graph.replay();
+      n -= int64_t{1} << i;
     }
   }
 #endif

@@ -1,7 +1,8 @@
 // Decoding with the tokens kept on the device. Each step feeds the token it sampled back in
 // as the next input, without the host: sampling runs on the device and the positions advance
 // there. The host reads the new tokens back only after a run of steps (for streaming and stop
-// checks). On CUDA a step is captured once as a CUDA graph and replayed: one launch per token.
+// checks). On CUDA, runs of 1, 2, 4, 8 and 16 steps are each captured once as a CUDA graph and
+// replayed: one launch per 16 tokens, not one per token.
 //
 // The sequences of a batch each have their own cache row and position, so prompts of different
 // lengths decode together.
@@ -44,6 +45,8 @@ class DeviceLoop {
  private:
   void step();          // one decode step, all on the device
   void run_steps(int64_t n);
+  struct Graph;
+  std::unique_ptr<Graph> capture(int64_t steps);  // CUDA only; null when capture failed
   at::Tensor sample(const at::Tensor& logits, const at::Tensor& uniform) const;
 
   const Backend& backend_;
@@ -56,8 +59,8 @@ class DeviceLoop {
   std::vector<int64_t> pos_host_, fetched_;  // host copies; fetched_: last position returned
   std::vector<bool> parked_;
   int64_t eager_steps_ = 0;  // steps run before capture (warm-up of the TorchScript executor)
-  struct Graph;
-  std::unique_ptr<Graph> graph_;
+  // graphs_[i]: 2^i steps in one graph, captured the first time a run of that length is due.
+  std::vector<std::unique_ptr<Graph>> graphs_;
   bool graph_failed_ = false;  // the step could not be captured: it runs eagerly
 };
 

@@ -1,0 +1,84 @@
+"""Where a CUDA decode step spends its time: the kernels of one greedy generation (256 tokens)
+under torch.profiler, grouped by kernel, per decode step, next to the wall time per step.
+
+    python benchmarks/cuda_decode_profile.py --shape stories15M [--quantize int8] [--json OUT]
+
+The runtime replays CUDA graphs; CUPTI still reports each kernel in them. 'GPU busy' is the sum
+of kernel durations; the rest of the wall time per step is launch latency and gaps between
+kernels (what fusing kernels and fewer graph launches can win).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+import babyrt
+from babyrt.bench import PROMPT, _synthetic_vocab, shape_model
+from babyrt.export import export_model
+from babyrt.quantize import QuantConfig
+
+
+def profile(shape: str, quantize: bool, new_tokens: int, top: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="babyrt-prof-") as tmp:
+        model = shape_model(shape, max(512, len(PROMPT) + new_tokens))
+        vocab = Path(tmp) / "tokenizer.bin"
+        _synthetic_vocab(vocab, model.cfg.vocab_size)
+        info = {"kind": "char", "bos_id": -1, "eos_id": -1, "add_bos": False}
+        path = export_model(model, info, vocab, Path(tmp) / "a", dtype="bf16",
+                            quant=QuantConfig() if quantize else None)
+        m = babyrt.load(path, device="cuda")
+        for _ in range(2):
+            m.generate(PROMPT, max_new_tokens=new_tokens, temperature=0.0)
+        t = time.perf_counter()
+        m.generate(PROMPT, max_new_tokens=new_tokens, temperature=0.0)
+        stats = dict(m.last_stats)
+        wall = time.perf_counter() - t
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as prof:
+            m.generate(PROMPT, max_new_tokens=new_tokens, temperature=0.0)
+            torch.cuda.synchronize()
+    steps = stats["decode_steps"]
+    kernels = defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0:
+            k = kernels[e.name[:90]]
+            k[0] += 1
+            k[1] += e.device_time_total
+    busy = sum(v[1] for v in kernels.values())
+    count = sum(v[0] for v in kernels.values())
+    rows = sorted(kernels.items(), key=lambda kv: -kv[1][1])
+    step_us = 1e6 * stats["decode_seconds"] / steps
+    print(f"## {shape} bf16{' int8' if quantize else ''}: {stats['decode_steps'] / stats['decode_seconds']:,.0f} "
+          f"tok/s, {step_us:.1f} us/step wall; kernels {count / steps:.1f}/step, GPU busy "
+          f"{busy / steps:.1f} us/step (whole generate incl. prefill: {wall * 1e3:.1f} ms)")
+    print("| kernel | per step | us/step | us each |")
+    print("|---|---|---|---|")
+    for name, (n, us) in rows[:top]:
+        print(f"| {name} | {n / steps:.2f} | {us / steps:.2f} | {us / n:.2f} |")
+    return {"shape": shape, "int8": quantize, "tok_s": stats["decode_steps"] / stats["decode_seconds"],
+            "us_per_step": step_us, "kernels_per_step": count / steps,
+            "busy_us_per_step": busy / steps,
+            "kernels": [{"name": k, "count": n, "us": us} for k, (n, us) in rows]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="stories15M")
+    p.add_argument("--quantize", choices=["int8"])
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--top", type=int, default=14)
+    p.add_argument("--json")
+    a = p.parse_args()
+    r = profile(a.shape, a.quantize == "int8", a.new_tokens, a.top)
+    if a.json:
+        Path(a.json).write_text(json.dumps(r, indent=1))
+
+
+if __name__ == "__main__":
+    main()
