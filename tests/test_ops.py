@@ -130,6 +130,32 @@ def test_attention_prefill_then_decode(device, H, KV, D):
         torch.testing.assert_close(caches[1], caches[3])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("V", [5, 1001, 32000])
+def test_greedy_advance(device, V):
+    """A greedy step's bookkeeping: token = argmax (first of ties, NaN wins as in torch.argmax),
+    position + 1, history[position] = token, and nothing else written."""
+    torch.manual_seed(V)
+    B, L = 4, 20
+    logits = torch.randn(B, V, device=device)
+    logits[1, V // 2] = logits[1, V - 1] = 1e9           # a tie: the first index wins
+    logits[2, V - 1] = float("nan")
+    logits[2, max(V - 3, 0)] = float("nan")               # NaNs: the first NaN wins
+    token = torch.zeros(B, 1, dtype=torch.long, device=device)
+    position = torch.tensor([[0], [5], [18], [7]], device=device)
+    history = torch.full((B, L), -1, dtype=torch.long, device=device)
+    ops.greedy_advance(logits, token, position, history)
+    want = logits.cpu().argmax(-1)
+    assert want[1] == V // 2 and want[2] == max(V - 3, 0)
+    assert token.cpu().flatten().tolist() == want.tolist()
+    assert position.cpu().flatten().tolist() == [1, 6, 19, 8]
+    expect = torch.full((B, L), -1, dtype=torch.long)
+    expect[torch.arange(B), torch.tensor([1, 6, 19, 8])] = want
+    assert torch.equal(history.cpu(), expect)
+    with pytest.raises(RuntimeError, match="greedy_advance"):
+        ops.greedy_advance(logits, token.view(B, 1, 1), position, history)
+
+
 def test_ops_reject_bad_shapes():
     x, w = torch.randn(1, 8), torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="does not fit"):

@@ -1,6 +1,7 @@
 #include "generator/device_loop.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -82,7 +83,7 @@ void DeviceLoop::reseed(uint64_t seed) {
 // host Sampler: top-k first, then the smallest prefix of the rest whose mass passes top_p,
 // then inverse-CDF sampling with the given random number.
 at::Tensor DeviceLoop::sample(const at::Tensor& logits, const at::Tensor& uniform) const {
-  if (sampling_.temperature == 0) return logits.argmax(-1, /*keepdim=*/true);
+  if (sampling_.temperature == 0) return logits.argmax(-1, /*keepdim=*/true);  // prefill (steps: greedy_advance)
   const int64_t V = logits.size(-1);
   at::Tensor vals = at::softmax(logits / sampling_.temperature, -1), idx;
   if (sampling_.top_k > 0 && sampling_.top_k < V)
@@ -102,9 +103,16 @@ at::Tensor DeviceLoop::sample(const at::Tensor& logits, const at::Tensor& unifor
 
 void DeviceLoop::step() {
   const at::Tensor logits = backend_.forward(tok_, pos_, cache_).select(1, 0);
-  // Greedy needs no random number: skip the gather (one kernel less per step).
-  const at::Tensor next =
-      sample(logits, sampling_.temperature == 0 ? at::Tensor() : uniform_.gather(1, pos_));
+  if (sampling_.temperature == 0) {
+    // argmax, the token fed next, the position and the history in one op (one kernel on CUDA).
+    static auto greedy_advance =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("babyrt::greedy_advance", "")
+            .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+    greedy_advance.call(logits, tok_, pos_, history_);
+    return;
+  }
+  const at::Tensor next = sample(logits, uniform_.gather(1, pos_));
   tok_.copy_(next);
   pos_.add_(1);
   history_.scatter_(1, pos_, next);

@@ -8,6 +8,7 @@
 //   in full lines. The fused ops are one kernel each.
 // - attention_decode: one token per sequence. RoPE on q and k, k and v written into the cache,
 //   softmax(q K^T / sqrt(D)) V over the filled slots only. One block per (head, sequence).
+// - greedy_advance: argmax of the logits and the decode loop's bookkeeping, one kernel.
 //
 // Both launch with programmatic dependent launch (PDL, Hopper): a kernel starts while its
 // predecessor drains, loads its weights (which no kernel writes), and only then waits for the
@@ -25,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdlib>
 #include <cstring>
 
@@ -36,7 +38,7 @@ namespace {
 constexpr int kMaxRows = 8;      // rows of x a GEMV takes; more run as a GEMM (cuBLAS)
 constexpr int kWarps = 8;        // warps per block (each takes rows of W)
 constexpr int kBatch = 8;        // 16-byte weight chunks per lane in flight at once
-constexpr int kAttnThreads = 128;
+constexpr int kAttnThreads = 256;
 constexpr int kMaxHeadDim = 256;
 constexpr int64_t kMaxAttnSlots = 8192;  // scores of the filled slots live in shared memory
 
@@ -466,7 +468,7 @@ __device__ float block_reduce(float v, float* scratch) {
 template <typename T>
 __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs a) {
   constexpr int E = 16 / sizeof(T);  // cache elements per 16-byte vector
-  extern __shared__ float smem[];    // scores [S], then partial outputs [groups, D]
+  extern __shared__ float smem[];    // scores [S], then partial outputs [rows, D]
   __shared__ float q[kMaxHeadDim];
   __shared__ float scratch[kAttnThreads / 32];
   const int h = blockIdx.x, b = blockIdx.y, D = a.D, half = D / 2;
@@ -509,18 +511,25 @@ __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs
   for (int d = threadIdx.x; d < D; d += blockDim.x) vc[p * D + d] = vh[d];
   __syncthreads();
 
-  // Scores of slots 0..p, one slot per thread at a time.
+  // Scores of slots 0..p, one slot per thread at a time; a row of K is read four 16-byte
+  // chunks at a time so that their loads are in flight together.
   const float scale = rsqrtf(static_cast<float>(D));
   float* scores = smem;
   float local_max = -INFINITY;
   for (int64_t j = threadIdx.x; j <= p; j += blockDim.x) {
     const T* kj = kc + j * D;
     float s = 0.f;
-    for (int d0 = 0; d0 < D; d0 += E) {
-      float kv[E];
-      load_floats<T, E>(kj + d0, kv);
+    for (int d0 = 0; d0 < D; d0 += 4 * E) {
+      float kv[4][E];
 #pragma unroll
-      for (int e = 0; e < E; ++e) s += q[d0 + e] * kv[e];
+      for (int u = 0; u < 4; ++u)
+        if (d0 + u * E < D) load_floats<T, E>(kj + d0 + u * E, kv[u]);
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        if (d0 + u * E < D) {
+#pragma unroll
+          for (int e = 0; e < E; ++e) s += q[d0 + u * E + e] * kv[u][e];
+        }
     }
     s *= scale;
     scores[j] = s;
@@ -535,28 +544,50 @@ __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs
   }
   const float total = block_reduce<false>(local_sum, scratch);  // its __syncthreads publishes scores
 
-  // Weighted sum of values: thread = (slot group, 16-byte column chunk).
-  const int vecs = D / E, groups = kAttnThreads / vecs;
-  const int c = threadIdx.x % vecs, g = threadIdx.x / vecs;
-  float* partial = smem + a.S;
-  if (g < groups) {
-    float acc[E];
+  // Weighted sum of values: thread = (slot group g, 16-byte column chunk c), the chunks of a
+  // row padded to a power of two (span) so that the groups within a warp sum by shuffles.
+  // Four slots per thread are loaded at once.
+  const int vecs = D / E;
+  int span = 1;
+  while (span < vecs) span *= 2;
+  const int groups = kAttnThreads / span, c = threadIdx.x % span, g = threadIdx.x / span;
+  float acc[E];
 #pragma unroll
-    for (int e = 0; e < E; ++e) acc[e] = 0.f;
-    for (int64_t j = g; j <= p; j += groups) {
+  for (int e = 0; e < E; ++e) acc[e] = 0.f;
+  if (c < vecs) {
+    int64_t j = g;
+    for (; j + 3 * groups <= p; j += 4 * groups) {
+      float vv[4][E];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) load_floats<T, E>(vc + (j + u * groups) * D + c * E, vv[u]);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const float w = scores[j + u * groups];
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[e] += w * vv[u][e];
+      }
+    }
+    for (; j <= p; j += groups) {
       float vv[E];
       load_floats<T, E>(vc + j * D + c * E, vv);
       const float w = scores[j];
 #pragma unroll
       for (int e = 0; e < E; ++e) acc[e] += w * vv[e];
     }
-#pragma unroll
-    for (int e = 0; e < E; ++e) partial[g * D + c * E + e] = acc[e];
   }
+  for (int off = span; off < 32; off *= 2)
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] += __shfl_xor_sync(0xffffffff, acc[e], off);
+  // One partial row per warp (per group when a group spans several warps).
+  const int per_row = span > 32 ? span : 32, rows = kAttnThreads / per_row;
+  float* partial = smem + a.S;  // [rows, D]
+  if (threadIdx.x % per_row < span && c < vecs)
+#pragma unroll
+    for (int e = 0; e < E; ++e) partial[(threadIdx.x / per_row) * D + c * E + e] = acc[e];
   __syncthreads();
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float v = 0.f;
-    for (int i = 0; i < groups; ++i) v += partial[i * D + d];
+    for (int i = 0; i < rows; ++i) v += partial[i * D + d];
     out[d] = from_float<T>(v / total);
   }
 }
@@ -577,8 +608,7 @@ at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, co
                 cos->is_contiguous() && sin->is_contiguous()));
   if (!fits) return attention_reference(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
   at::Tensor out = at::empty({B, 1, H * D}, qkv.options());
-  const int64_t groups = kAttnThreads / (D / E);
-  const size_t smem = (S + groups * D) * sizeof(float);
+  const size_t smem = (S + kAttnThreads / 32 * D) * sizeof(float);  // scores, partial sums
   AttnArgs a{qkv.const_data_ptr(), positions.const_data_ptr<int64_t>(),
              cos ? cos->const_data_ptr<float>() : nullptr,
              sin ? sin->const_data_ptr<float>() : nullptr, k_cache.mutable_data_ptr(),
@@ -597,6 +627,81 @@ at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, co
   return out;
 }
 
+// ------------------------------------------------------------------ greedy step bookkeeping
+constexpr int kArgmaxThreads = 1024;
+
+// Whether (v, i) beats (best, bi) for torch.argmax: NaN is the largest value, ties go to the
+// first index.
+__device__ __forceinline__ bool beats(float v, int i, float best, int bi) {
+  if (isnan(v)) return !isnan(best) || i < bi;
+  if (isnan(best)) return false;
+  return v > best || (v == best && i < bi);
+}
+
+// One block per sequence: token = argmax of its logits, position += 1, history[position] =
+// token. One kernel instead of at::argmax's single-block reduction plus three small ops.
+__global__ void __launch_bounds__(kArgmaxThreads)
+    greedy_advance_kernel(const float* logits, int V, int64_t* token, int64_t* position,
+                          int64_t* history, int64_t history_len) {
+  __shared__ float warp_best[kArgmaxThreads / 32];
+  __shared__ int warp_index[kArgmaxThreads / 32];
+  const int b = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  allow_next_launch();
+  wait_for_inputs();
+  const float* row = logits + static_cast<int64_t>(b) * V;
+  float best = -INFINITY;
+  int bi = INT_MAX;
+  if (V % 4 == 0 && reinterpret_cast<uintptr_t>(row) % 16 == 0) {
+#pragma unroll 4
+    for (int i = threadIdx.x; i < V / 4; i += kArgmaxThreads) {
+      const float4 f = reinterpret_cast<const float4*>(row)[i];
+      const float v[4] = {f.x, f.y, f.z, f.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        if (beats(v[j], 4 * i + j, best, bi)) best = v[j], bi = 4 * i + j;
+    }
+  } else {
+    for (int i = threadIdx.x; i < V; i += kArgmaxThreads)
+      if (beats(row[i], i, best, bi)) best = row[i], bi = i;
+  }
+  auto warp_reduce = [&] {
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) {
+      const float v = __shfl_xor_sync(0xffffffff, best, off);
+      const int i = __shfl_xor_sync(0xffffffff, bi, off);
+      if (beats(v, i, best, bi)) best = v, bi = i;
+    }
+  };
+  warp_reduce();
+  if (lane == 0) warp_best[warp] = best, warp_index[warp] = bi;
+  __syncthreads();
+  if (warp == 0) {
+    best = warp_best[lane];
+    bi = warp_index[lane];
+    warp_reduce();
+    if (lane == 0) {
+      const int64_t p = position[b] + 1;
+      token[b] = bi;
+      position[b] = p;
+      if (p >= 0 && p < history_len) history[b * history_len + p] = bi;
+    }
+  }
+}
+
+void greedy_advance_cuda(const at::Tensor& logits, const at::Tensor& token,
+                         const at::Tensor& position, const at::Tensor& history) {
+  check_greedy_advance(logits, token, position, history);
+  const bool fits = logits.scalar_type() == at::kFloat && logits.is_contiguous() &&
+                    logits.size(1) < (int64_t{1} << 30) && logits.size(0) < 65536 &&
+                    token.is_contiguous() && position.is_contiguous() && history.is_contiguous();
+  if (!fits || logits.size(0) == 0) return greedy_advance_reference(logits, token, position, history);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  launch(greedy_advance_kernel, dim3(logits.size(0)), dim3(kArgmaxThreads), 0,
+         logits.const_data_ptr<float>(), static_cast<int>(logits.size(1)),
+         token.mutable_data_ptr<int64_t>(), position.mutable_data_ptr<int64_t>(),
+         history.mutable_data_ptr<int64_t>(), history.size(1));
+}
+
 }  // namespace
 }  // namespace babyrt::ops
 
@@ -606,4 +711,5 @@ TORCH_LIBRARY_IMPL(babyrt, CUDA, m) {
   m.impl("rmsnorm_linear", rmsnorm_linear_cuda);
   m.impl("swiglu_linear", swiglu_linear_cuda);
   m.impl("attention", attention_cuda);
+  m.impl("greedy_advance", greedy_advance_cuda);
 }

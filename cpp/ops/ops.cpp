@@ -331,6 +331,30 @@ void check_linear(const at::Tensor& x, const at::Tensor& w, const OptTensor& sca
   }
 }
 
+void check_greedy_advance(const at::Tensor& logits, const at::Tensor& token,
+                          const at::Tensor& position, const at::Tensor& history) {
+  BABYRT_CHECK(logits.dim() == 2 && logits.size(1) > 0 && logits.is_floating_point(),
+               "greedy_advance: logits must be [batch, vocab] floats, got ", logits.sizes());
+  const int64_t B = logits.size(0);
+  for (const at::Tensor* t : {&token, &position, &history}) {
+    BABYRT_CHECK(t->scalar_type() == at::kLong && t->dim() == 2 && t->size(0) == B,
+                 "greedy_advance: token, position and history must be int64 [", B,
+                 ", n], got ", t->sizes());
+    BABYRT_CHECK(t->device() == logits.device(), "greedy_advance: tensors on different devices");
+  }
+  BABYRT_CHECK(token.size(1) == 1 && position.size(1) == 1,
+               "greedy_advance: token and position must be [batch, 1]");
+}
+
+void greedy_advance_reference(const at::Tensor& logits, const at::Tensor& token,
+                              const at::Tensor& position, const at::Tensor& history) {
+  check_greedy_advance(logits, token, position, history);
+  const at::Tensor next = logits.argmax(-1, /*keepdim=*/true);
+  token.copy_(next);
+  position.add_(1);
+  history.scatter_(1, position, next);
+}
+
 at::Tensor linear_reference(const at::Tensor& x, const at::Tensor& w, const OptTensor& scales,
                             const OptTensor& residual) {
   check_linear(x, w, scales, residual);
@@ -351,6 +375,8 @@ TORCH_LIBRARY(babyrt, m) {
         "Tensor(a!) k_cache, Tensor(b!) v_cache, int n_heads, int n_kv_heads) -> Tensor");
   m.def("embedding(Tensor tokens, Tensor weight, Tensor? scales, ScalarType dtype) -> Tensor");
   m.def("dequantize(Tensor weight, Tensor scales) -> Tensor");
+  m.def("greedy_advance(Tensor logits, Tensor(a!) token, Tensor(b!) position, "
+        "Tensor(c!) history) -> ()");
   m.def("cpu_isa() -> str", [] { return std::string(babyrt::cpu::isa()); });
 }
 
@@ -362,6 +388,7 @@ TORCH_LIBRARY_IMPL(babyrt, CompositeExplicitAutograd, m) {
   m.impl("attention", attention_reference);
   m.impl("embedding", embedding_reference);
   m.impl("dequantize", dequantize);
+  m.impl("greedy_advance", greedy_advance_reference);
 }
 
 TORCH_LIBRARY_IMPL(babyrt, CPU, m) {

@@ -11,6 +11,8 @@
 //        attends to the cache slots <= its position
 //   embedding(tokens, weight, scales?, dtype)          rows of W (dequantized), as dtype
 //   dequantize(weight, scales)                          int8 W times its group scales, fp32
+//   greedy_advance(logits, token!, position!, history!)  a greedy decode step's bookkeeping:
+//        token = argmax(logits) per row, position += 1, history[b, position] = token
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -31,6 +33,9 @@ at::Tensor attention_reference(const at::Tensor& qkv, const at::Tensor& position
                                const OptTensor& cos, const OptTensor& sin, at::Tensor& k_cache,
                                at::Tensor& v_cache, int64_t H, int64_t KV);
 
+void greedy_advance_reference(const at::Tensor& logits, const at::Tensor& token,
+                              const at::Tensor& position, const at::Tensor& history);
+
 // Shapes and dtypes of a call; throw c10::Error with a message naming the mismatch.
 void check_linear(const at::Tensor& x, const at::Tensor& weight, const OptTensor& scales,
                   const OptTensor& residual);
@@ -38,5 +43,7 @@ void check_norm(const at::Tensor& x, const at::Tensor& norm_weight);
 void check_attention(const at::Tensor& qkv, const at::Tensor& positions, const OptTensor& cos,
                      const OptTensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      int64_t H, int64_t KV);
+void check_greedy_advance(const at::Tensor& logits, const at::Tensor& token,
+                          const at::Tensor& position, const at::Tensor& history);
 
 }  // namespace babyrt::ops
