@@ -22,6 +22,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
+#include <cooperative_groups.h>
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
@@ -39,6 +40,8 @@ constexpr int kMaxRows = 8;      // rows of x a GEMV takes; more run as a GEMM (
 constexpr int kWarps = 8;        // warps per block (each takes rows of W)
 constexpr int kBatch = 8;        // 16-byte weight chunks per lane in flight at once
 constexpr int kAttnThreads = 256;
+constexpr int kPrefetchChunks = 8;  // 16-byte chunks of a thread's first key row loaded early
+constexpr int kPrefetchSlots = 4;   // value slots per thread loaded early
 constexpr int kMaxHeadDim = 256;
 constexpr int64_t kMaxAttnSlots = 8192;  // scores of the filled slots live in shared memory
 
@@ -82,8 +85,19 @@ __device__ __forceinline__ void load_floats(const T* p, float (&out)[N]) {
   for (int i = 0; i < N; ++i) out[i] = to_float(v[i]);
 }
 
+// Launches kernel on the current stream with PDL and, when cluster > 1, thread-block clusters
+// of `cluster` blocks along x (grid.x must be a multiple of it).
+// The T values of a 16-byte vector already loaded, as floats.
+template <typename T, int N>
+__device__ __forceinline__ void unpack_floats(const int4& raw, float (&out)[N]) {
+  static_assert(N * sizeof(T) == 16, "one 16-byte vector");
+  const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = to_float(v[i]);
+}
+
 template <typename Kernel, typename... Args>
-void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
+void launch_clustered(Kernel kernel, dim3 grid, dim3 block, size_t smem, int cluster, Args... args) {
   static const bool pdl = [] {
     const char* v = std::getenv("BABYRT_PDL");
     return !(v && std::strcmp(v, "0") == 0);
@@ -93,12 +107,34 @@ void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = c10::cuda::getCurrentCUDAStream();
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr[2];
+  int n = 0;
+  if (pdl) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = cluster;
+    attr[n].val.clusterDim.y = 1;
+    attr[n++].val.clusterDim.z = 1;
+  }
   config.attrs = attr;
-  config.numAttrs = pdl ? 1 : 0;
+  config.numAttrs = n;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
+}
+
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
+  launch_clustered(kernel, grid, block, smem, 1, args...);
+}
+
+// Whether the current device runs thread-block clusters (compute capability 9.0 and up).
+bool has_clusters() {
+  int device = 0, major = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 9;
 }
 
 // f(T{}) with T the CUDA type of a float dtype (callers check the dtype first).
@@ -487,6 +523,24 @@ __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs
   T* kc = static_cast<T*>(a.k_cache) + cache_off;
   T* vc = static_cast<T*>(a.v_cache) + cache_off;
 
+  // The first slots' keys and values (written by earlier steps) are loaded now, together with
+  // this token's q, k and v: one memory round trip for all of them instead of three in a row.
+  // Thread t takes key slot t; value slots g, g + groups, ... (see the weighted sum below).
+  const int vecs = D / E;
+  int span = 1;  // the chunks of a row padded to a power of two
+  while (span < vecs) span *= 2;
+  const int groups = kAttnThreads / span, c = threadIdx.x % span, g = threadIdx.x / span;
+  int4 kpre[kPrefetchChunks], vpre[kPrefetchSlots];
+  const bool k_pre = threadIdx.x < p;
+  if (k_pre)
+#pragma unroll
+    for (int u = 0; u < kPrefetchChunks; ++u)
+      if (u < vecs) kpre[u] = reinterpret_cast<const int4*>(kc + threadIdx.x * D)[u];
+  if (c < vecs)
+#pragma unroll
+    for (int u = 0; u < kPrefetchSlots; ++u)
+      if (g + u * groups < p) vpre[u] = reinterpret_cast<const int4*>(vc + (g + u * groups) * D)[c];
+
   // RoPE on q and on this token's k; k and v into their slot. Every block of a kv head writes
   // the same values, so the duplicate writes are benign and each block then reads its own.
   const T* qh = row + h * D;
@@ -496,11 +550,11 @@ __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs
     const float q0 = to_float(qh[2 * i]), q1 = to_float(qh[2 * i + 1]);
     const float k0 = to_float(kh[2 * i]), k1 = to_float(kh[2 * i + 1]);
     if (a.cos) {
-      const float c = a.cos[p * half + i], s = a.sin[p * half + i];
-      q[2 * i] = round_to<T>(q0 * c - q1 * s);
-      q[2 * i + 1] = round_to<T>(q0 * s + q1 * c);
-      kc[p * D + 2 * i] = from_float<T>(k0 * c - k1 * s);
-      kc[p * D + 2 * i + 1] = from_float<T>(k0 * s + k1 * c);
+      const float cs = a.cos[p * half + i], sn = a.sin[p * half + i];
+      q[2 * i] = round_to<T>(q0 * cs - q1 * sn);
+      q[2 * i + 1] = round_to<T>(q0 * sn + q1 * cs);
+      kc[p * D + 2 * i] = from_float<T>(k0 * cs - k1 * sn);
+      kc[p * D + 2 * i + 1] = from_float<T>(k0 * sn + k1 * cs);
     } else {
       q[2 * i] = q0;
       q[2 * i + 1] = q1;
@@ -511,15 +565,27 @@ __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs
   for (int d = threadIdx.x; d < D; d += blockDim.x) vc[p * D + d] = vh[d];
   __syncthreads();
 
-  // Scores of slots 0..p, one slot per thread at a time; a row of K is read four 16-byte
-  // chunks at a time so that their loads are in flight together.
+  // Scores of slots 0..p, one slot per thread at a time; a row of K not prefetched is read
+  // four 16-byte chunks at a time so that their loads are in flight together.
   const float scale = rsqrtf(static_cast<float>(D));
   float* scores = smem;
   float local_max = -INFINITY;
   for (int64_t j = threadIdx.x; j <= p; j += blockDim.x) {
     const T* kj = kc + j * D;
     float s = 0.f;
-    for (int d0 = 0; d0 < D; d0 += 4 * E) {
+    int d0 = 0;
+    if (j == threadIdx.x && k_pre) {
+#pragma unroll
+      for (int u = 0; u < kPrefetchChunks; ++u)
+        if (u < vecs) {
+          float kv[E];
+          unpack_floats<T, E>(kpre[u], kv);
+#pragma unroll
+          for (int e = 0; e < E; ++e) s += q[u * E + e] * kv[e];
+        }
+      d0 = kPrefetchChunks * E;
+    }
+    for (; d0 < D; d0 += 4 * E) {
       float kv[4][E];
 #pragma unroll
       for (int u = 0; u < 4; ++u)
@@ -544,18 +610,27 @@ __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs
   }
   const float total = block_reduce<false>(local_sum, scratch);  // its __syncthreads publishes scores
 
-  // Weighted sum of values: thread = (slot group g, 16-byte column chunk c), the chunks of a
-  // row padded to a power of two (span) so that the groups within a warp sum by shuffles.
-  // Four slots per thread are loaded at once.
-  const int vecs = D / E;
-  int span = 1;
-  while (span < vecs) span *= 2;
-  const int groups = kAttnThreads / span, c = threadIdx.x % span, g = threadIdx.x / span;
+  // Weighted sum of values: thread = (slot group g, 16-byte column chunk c), so that the
+  // groups within a warp sum by shuffles. The first kPrefetchSlots slots of a group were
+  // loaded above (all but slot p); the rest are loaded four at a time.
   float acc[E];
 #pragma unroll
   for (int e = 0; e < E; ++e) acc[e] = 0.f;
   if (c < vecs) {
-    int64_t j = g;
+#pragma unroll
+    for (int u = 0; u < kPrefetchSlots; ++u) {
+      const int64_t j = g + u * groups;
+      if (j > p) break;
+      float vv[E];
+      if (j < p)
+        unpack_floats<T, E>(vpre[u], vv);
+      else
+        load_floats<T, E>(vc + j * D + c * E, vv);
+      const float w = scores[j];
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[e] += w * vv[e];
+    }
+    int64_t j = g + kPrefetchSlots * groups;
     for (; j + 3 * groups <= p; j += 4 * groups) {
       float vv[4][E];
 #pragma unroll
@@ -628,7 +703,8 @@ at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, co
 }
 
 // ------------------------------------------------------------------ greedy step bookkeeping
-constexpr int kArgmaxThreads = 1024;
+constexpr int kArgmaxThreads = 512;
+constexpr int kArgmaxCluster = 8;  // blocks per sequence (one cluster), each a slice of the vocabulary
 
 // Whether (v, i) beats (best, bi) for torch.argmax: NaN is the largest value, ties go to the
 // first index.
@@ -638,22 +714,28 @@ __device__ __forceinline__ bool beats(float v, int i, float best, int bi) {
   return v > best || (v == best && i < bi);
 }
 
-// One block per sequence: token = argmax of its logits, position += 1, history[position] =
-// token. One kernel instead of at::argmax's single-block reduction plus three small ops.
+// A cluster of blocks per sequence (blockIdx.y), each taking a slice of the vocabulary; the
+// first block of the cluster reads the others' results from their shared memory and writes
+// token = argmax, position += 1, history[position] = token. One kernel instead of at::argmax's
+// single-block reduction plus three small ops.
 __global__ void __launch_bounds__(kArgmaxThreads)
     greedy_advance_kernel(const float* logits, int V, int64_t* token, int64_t* position,
                           int64_t* history, int64_t history_len) {
   __shared__ float warp_best[kArgmaxThreads / 32];
   __shared__ int warp_index[kArgmaxThreads / 32];
-  const int b = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int part = blockIdx.x, parts = gridDim.x, b = blockIdx.y;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   allow_next_launch();
   wait_for_inputs();
   const float* row = logits + static_cast<int64_t>(b) * V;
   float best = -INFINITY;
   int bi = INT_MAX;
-  if (V % 4 == 0 && reinterpret_cast<uintptr_t>(row) % 16 == 0) {
+  const bool vec = V % 4 == 0 && reinterpret_cast<uintptr_t>(row) % 16 == 0;
+  const int items = vec ? V / 4 : V, per = (items + parts - 1) / parts;
+  const int lo = part * per, hi = min(items, lo + per);
+  if (vec) {
 #pragma unroll 4
-    for (int i = threadIdx.x; i < V / 4; i += kArgmaxThreads) {
+    for (int i = lo + threadIdx.x; i < hi; i += kArgmaxThreads) {
       const float4 f = reinterpret_cast<const float4*>(row)[i];
       const float v[4] = {f.x, f.y, f.z, f.w};
 #pragma unroll
@@ -661,7 +743,7 @@ __global__ void __launch_bounds__(kArgmaxThreads)
         if (beats(v[j], 4 * i + j, best, bi)) best = v[j], bi = 4 * i + j;
     }
   } else {
-    for (int i = threadIdx.x; i < V; i += kArgmaxThreads)
+    for (int i = lo + threadIdx.x; i < hi; i += kArgmaxThreads)
       if (beats(row[i], i, best, bi)) best = row[i], bi = i;
   }
   auto warp_reduce = [&] {
@@ -676,15 +758,29 @@ __global__ void __launch_bounds__(kArgmaxThreads)
   if (lane == 0) warp_best[warp] = best, warp_index[warp] = bi;
   __syncthreads();
   if (warp == 0) {
-    best = warp_best[lane];
-    bi = warp_index[lane];
+    best = lane < kArgmaxThreads / 32 ? warp_best[lane] : -INFINITY;
+    bi = lane < kArgmaxThreads / 32 ? warp_index[lane] : INT_MAX;
     warp_reduce();
-    if (lane == 0) {
-      const int64_t p = position[b] + 1;
-      token[b] = bi;
-      position[b] = p;
-      if (p >= 0 && p < history_len) history[b * history_len + p] = bi;
+    if (lane == 0) warp_best[0] = best, warp_index[0] = bi;
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (parts > 1) {
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();  // every block's result is in its shared memory
+    if (part == 0 && warp == 0) {
+      best = lane < parts ? *cluster.map_shared_rank(&warp_best[0], lane) : -INFINITY;
+      bi = lane < parts ? *cluster.map_shared_rank(&warp_index[0], lane) : INT_MAX;
+      warp_reduce();
     }
+    cluster.sync();  // the others' shared memory lives until the first block has read it
+  }
+#endif
+  if (part == 0 && threadIdx.x == 0) {
+    const int64_t p = position[b] + 1;
+    token[b] = bi;
+    position[b] = p;
+    if (p >= 0 && p < history_len) history[b * history_len + p] = bi;
   }
 }
 
@@ -696,10 +792,11 @@ void greedy_advance_cuda(const at::Tensor& logits, const at::Tensor& token,
                     token.is_contiguous() && position.is_contiguous() && history.is_contiguous();
   if (!fits || logits.size(0) == 0) return greedy_advance_reference(logits, token, position, history);
   const c10::cuda::CUDAGuard guard(logits.device());
-  launch(greedy_advance_kernel, dim3(logits.size(0)), dim3(kArgmaxThreads), 0,
-         logits.const_data_ptr<float>(), static_cast<int>(logits.size(1)),
-         token.mutable_data_ptr<int64_t>(), position.mutable_data_ptr<int64_t>(),
-         history.mutable_data_ptr<int64_t>(), history.size(1));
+  static const int cluster = has_clusters() ? kArgmaxCluster : 1;
+  launch_clustered(greedy_advance_kernel, dim3(cluster, logits.size(0)), dim3(kArgmaxThreads), 0,
+                   cluster, logits.const_data_ptr<float>(), static_cast<int>(logits.size(1)),
+                   token.mutable_data_ptr<int64_t>(), position.mutable_data_ptr<int64_t>(),
+                   history.mutable_data_ptr<int64_t>(), history.size(1));
 }
 
 }  // namespace
