@@ -40,8 +40,6 @@ constexpr int kMaxRows = 8;      // rows of x a GEMV takes; more run as a GEMM (
 constexpr int kWarps = 8;        // warps per block (each takes rows of W)
 constexpr int kBatch = 8;        // 16-byte weight chunks per lane in flight at once
 constexpr int kAttnThreads = 256;
-constexpr int kPrefetchChunks = 8;  // 16-byte chunks of a thread's first key row loaded early
-constexpr int kPrefetchSlots = 4;   // value slots per thread loaded early
 constexpr int kMaxHeadDim = 256;
 constexpr int64_t kMaxAttnSlots = 8192;  // scores of the filled slots live in shared memory
 
@@ -87,15 +85,6 @@ __device__ __forceinline__ void load_floats(const T* p, float (&out)[N]) {
 
 // Launches kernel on the current stream with PDL and, when cluster > 1, thread-block clusters
 // of `cluster` blocks along x (grid.x must be a multiple of it).
-// The T values of a 16-byte vector already loaded, as floats.
-template <typename T, int N>
-__device__ __forceinline__ void unpack_floats(const int4& raw, float (&out)[N]) {
-  static_assert(N * sizeof(T) == 16, "one 16-byte vector");
-  const T* v = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-  for (int i = 0; i < N; ++i) out[i] = to_float(v[i]);
-}
-
 template <typename Kernel, typename... Args>
 void launch_clustered(Kernel kernel, dim3 grid, dim3 block, size_t smem, int cluster, Args... args) {
   static const bool pdl = [] {
@@ -523,24 +512,6 @@ __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs
   T* kc = static_cast<T*>(a.k_cache) + cache_off;
   T* vc = static_cast<T*>(a.v_cache) + cache_off;
 
-  // The first slots' keys and values (written by earlier steps) are loaded now, together with
-  // this token's q, k and v: one memory round trip for all of them instead of three in a row.
-  // Thread t takes key slot t; value slots g, g + groups, ... (see the weighted sum below).
-  const int vecs = D / E;
-  int span = 1;  // the chunks of a row padded to a power of two
-  while (span < vecs) span *= 2;
-  const int groups = kAttnThreads / span, c = threadIdx.x % span, g = threadIdx.x / span;
-  int4 kpre[kPrefetchChunks], vpre[kPrefetchSlots];
-  const bool k_pre = threadIdx.x < p;
-  if (k_pre)
-#pragma unroll
-    for (int u = 0; u < kPrefetchChunks; ++u)
-      if (u < vecs) kpre[u] = reinterpret_cast<const int4*>(kc + threadIdx.x * D)[u];
-  if (c < vecs)
-#pragma unroll
-    for (int u = 0; u < kPrefetchSlots; ++u)
-      if (g + u * groups < p) vpre[u] = reinterpret_cast<const int4*>(vc + (g + u * groups) * D)[c];
-
   // RoPE on q and on this token's k; k and v into their slot. Every block of a kv head writes
   // the same values, so the duplicate writes are benign and each block then reads its own.
   const T* qh = row + h * D;
@@ -550,11 +521,11 @@ __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs
     const float q0 = to_float(qh[2 * i]), q1 = to_float(qh[2 * i + 1]);
     const float k0 = to_float(kh[2 * i]), k1 = to_float(kh[2 * i + 1]);
     if (a.cos) {
-      const float cs = a.cos[p * half + i], sn = a.sin[p * half + i];
-      q[2 * i] = round_to<T>(q0 * cs - q1 * sn);
-      q[2 * i + 1] = round_to<T>(q0 * sn + q1 * cs);
-      kc[p * D + 2 * i] = from_float<T>(k0 * cs - k1 * sn);
-      kc[p * D + 2 * i + 1] = from_float<T>(k0 * sn + k1 * cs);
+      const float c = a.cos[p * half + i], s = a.sin[p * half + i];
+      q[2 * i] = round_to<T>(q0 * c - q1 * s);
+      q[2 * i + 1] = round_to<T>(q0 * s + q1 * c);
+      kc[p * D + 2 * i] = from_float<T>(k0 * c - k1 * s);
+      kc[p * D + 2 * i + 1] = from_float<T>(k0 * s + k1 * c);
     } else {
       q[2 * i] = q0;
       q[2 * i + 1] = q1;
@@ -565,27 +536,15 @@ __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs
   for (int d = threadIdx.x; d < D; d += blockDim.x) vc[p * D + d] = vh[d];
   __syncthreads();
 
-  // Scores of slots 0..p, one slot per thread at a time; a row of K not prefetched is read
-  // four 16-byte chunks at a time so that their loads are in flight together.
+  // Scores of slots 0..p, one slot per thread at a time; a row of K is read four 16-byte
+  // chunks at a time so that their loads are in flight together.
   const float scale = rsqrtf(static_cast<float>(D));
   float* scores = smem;
   float local_max = -INFINITY;
   for (int64_t j = threadIdx.x; j <= p; j += blockDim.x) {
     const T* kj = kc + j * D;
     float s = 0.f;
-    int d0 = 0;
-    if (j == threadIdx.x && k_pre) {
-#pragma unroll
-      for (int u = 0; u < kPrefetchChunks; ++u)
-        if (u < vecs) {
-          float kv[E];
-          unpack_floats<T, E>(kpre[u], kv);
-#pragma unroll
-          for (int e = 0; e < E; ++e) s += q[u * E + e] * kv[e];
-        }
-      d0 = kPrefetchChunks * E;
-    }
-    for (; d0 < D; d0 += 4 * E) {
+    for (int d0 = 0; d0 < D; d0 += 4 * E) {
       float kv[4][E];
 #pragma unroll
       for (int u = 0; u < 4; ++u)
@@ -610,27 +569,18 @@ __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs
   }
   const float total = block_reduce<false>(local_sum, scratch);  // its __syncthreads publishes scores
 
-  // Weighted sum of values: thread = (slot group g, 16-byte column chunk c), so that the
-  // groups within a warp sum by shuffles. The first kPrefetchSlots slots of a group were
-  // loaded above (all but slot p); the rest are loaded four at a time.
+  // Weighted sum of values: thread = (slot group g, 16-byte column chunk c), the chunks of a
+  // row padded to a power of two (span) so that the groups within a warp sum by shuffles.
+  // Four slots per thread are loaded at once.
+  const int vecs = D / E;
+  int span = 1;
+  while (span < vecs) span *= 2;
+  const int groups = kAttnThreads / span, c = threadIdx.x % span, g = threadIdx.x / span;
   float acc[E];
 #pragma unroll
   for (int e = 0; e < E; ++e) acc[e] = 0.f;
   if (c < vecs) {
-#pragma unroll
-    for (int u = 0; u < kPrefetchSlots; ++u) {
-      const int64_t j = g + u * groups;
-      if (j > p) break;
-      float vv[E];
-      if (j < p)
-        unpack_floats<T, E>(vpre[u], vv);
-      else
-        load_floats<T, E>(vc + j * D + c * E, vv);
-      const float w = scores[j];
-#pragma unroll
-      for (int e = 0; e < E; ++e) acc[e] += w * vv[e];
-    }
-    int64_t j = g + kPrefetchSlots * groups;
+    int64_t j = g;
     for (; j + 3 * groups <= p; j += 4 * groups) {
       float vv[4][E];
 #pragma unroll
