@@ -118,12 +118,13 @@ void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
   launch_clustered(kernel, grid, block, smem, 1, args...);
 }
 
-// Whether the current device runs thread-block clusters (compute capability 9.0 and up).
-bool has_clusters() {
-  int device = 0, major = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major >= 9;
+// Whether kernel runs in thread-block clusters on the current device: the binary picked for it
+// must be for compute capability 9.0 or up (its cluster code is compiled only there).
+template <typename Kernel>
+bool runs_clusters(Kernel kernel) {
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  return attr.binaryVersion >= 90;
 }
 
 // f(T{}) with T the CUDA type of a float dtype (callers check the dtype first).
@@ -742,7 +743,7 @@ void greedy_advance_cuda(const at::Tensor& logits, const at::Tensor& token,
                     token.is_contiguous() && position.is_contiguous() && history.is_contiguous();
   if (!fits || logits.size(0) == 0) return greedy_advance_reference(logits, token, position, history);
   const c10::cuda::CUDAGuard guard(logits.device());
-  static const int cluster = has_clusters() ? kArgmaxCluster : 1;
+  static const int cluster = runs_clusters(greedy_advance_kernel) ? kArgmaxCluster : 1;
   launch_clustered(greedy_advance_kernel, dim3(cluster, logits.size(0)), dim3(kArgmaxThreads), 0,
                    cluster, logits.const_data_ptr<float>(), static_cast<int>(logits.size(1)),
                    token.mutable_data_ptr<int64_t>(), position.mutable_data_ptr<int64_t>(),
