@@ -131,6 +131,21 @@ def test_attention_prefill_then_decode(device, H, KV, D):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("int8", [False, True])
+def test_rmsnorm_linear_out_dtype(device, dtype, int8):
+    """out_dtype=fp32 (the classifier's logits) is the x-dtype result widened, exactly."""
+    torch.manual_seed(1)
+    x = torch.randn(1, 1, 96, device=device, dtype=dtype)
+    nw = torch.randn(96, device=device, dtype=dtype)
+    w = torch.randn(200, 96, device=device)
+    w, s = quantize_weight(w) if int8 else (w.to(dtype), None)
+    got = ops.rmsnorm_linear(x, nw, 1e-5, w, s, torch.float32)
+    assert got.dtype == torch.float32 and got.shape == (1, 1, 200)
+    assert torch.equal(got, ops.rmsnorm_linear(x, nw, 1e-5, w, s).float())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("V", [5, 1001, 32000])
 def test_greedy_advance(device, V):
     """A greedy step's bookkeeping: token = argmax (first of ties, NaN wins as in torch.argmax),

@@ -147,10 +147,11 @@ struct GemvArgs {
   const void* x;         // [M, K] (kSwiGlu: [M, 2K], gate then up)
   const void* norm;      // [K] (kRmsNorm)
   const void* residual;  // [M, N] or null
-  void* y;               // [M, N]
+  void* y;               // [M, N], T (or fp32 when y_float)
   float eps;
   int M, N, K, group;
   int rows_per_warp;     // rows of W each warp takes (the grid covers N with them)
+  bool y_float;          // y is fp32: the T result widened (the reference's cast)
 };
 
 // Shared memory the GEMV stages act(x) in: as T for float weights; as int8 with one fp32 scale
@@ -327,7 +328,10 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
         const int64_t i = static_cast<int64_t>(m) * a.N + n;
         float out = v;
         if (a.residual) out = round_to<T>(out) + to_float(static_cast<const T*>(a.residual)[i]);
-        static_cast<T*>(a.y)[i] = from_float<T>(out);
+        if (a.y_float)
+          static_cast<float*>(a.y)[i] = round_to<T>(out);
+        else
+          static_cast<T*>(a.y)[i] = from_float<T>(out);
       }
     }
   }
@@ -403,7 +407,8 @@ bool try_gemv(Act act, const at::Tensor& x, const at::Tensor& w, const OptTensor
              norm ? norm->const_data_ptr() : nullptr,
              residual ? residual->const_data_ptr() : nullptr, y.mutable_data_ptr(),
              static_cast<float>(eps), static_cast<int>(M), static_cast<int>(N),
-             static_cast<int>(K), static_cast<int>(group), 1};
+             static_cast<int>(K), static_cast<int>(group), 1,
+             y.scalar_type() == at::kFloat && T != at::kFloat};
   const c10::cuda::CUDAGuard guard(x.device());
   bool launched = false;
   dispatch_float(T, [&](auto ttag) {
@@ -427,10 +432,10 @@ bool try_gemv(Act act, const at::Tensor& x, const at::Tensor& w, const OptTensor
   return launched;
 }
 
-at::Tensor new_output(const at::Tensor& x, int64_t last) {
+at::Tensor new_output(const at::Tensor& x, int64_t last, std::optional<at::ScalarType> dtype = {}) {
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = last;
-  return at::empty(shape, x.options());
+  return at::empty(shape, x.options().dtype(dtype.value_or(x.scalar_type())));
 }
 
 at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& w, const OptTensor& scales,
@@ -442,13 +447,18 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& w, const OptTensor
 }
 
 at::Tensor rmsnorm_linear_cuda(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
-                               const at::Tensor& w, const OptTensor& scales) {
+                               const at::Tensor& w, const OptTensor& scales,
+                               std::optional<at::ScalarType> out_dtype) {
   check_linear(x, w, scales, std::nullopt);
   check_norm(x, norm_weight);
-  at::Tensor y = new_output(x, w.size(0));
-  if (x.numel() && try_gemv(Act::kRmsNorm, x, w, scales, &norm_weight, eps, std::nullopt, y))
-    return y;
-  return rmsnorm_linear_reference(x, norm_weight, eps, w, scales);
+  // The kernel writes x's dtype, or fp32 (the classifier's logits) without a cast kernel.
+  const auto dt = out_dtype.value_or(x.scalar_type());
+  if (dt == x.scalar_type() || dt == at::kFloat) {
+    at::Tensor y = new_output(x, w.size(0), dt);
+    if (x.numel() && try_gemv(Act::kRmsNorm, x, w, scales, &norm_weight, eps, std::nullopt, y))
+      return y;
+  }
+  return rmsnorm_linear_reference(x, norm_weight, eps, w, scales, out_dtype);
 }
 
 at::Tensor swiglu_linear_cuda(const at::Tensor& gate_up, const at::Tensor& w,

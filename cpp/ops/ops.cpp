@@ -81,9 +81,11 @@ void check_norm(const at::Tensor& x, const at::Tensor& norm_weight) {
 }
 
 at::Tensor rmsnorm_linear_reference(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
-                                    const at::Tensor& w, const OptTensor& scales) {
+                                    const at::Tensor& w, const OptTensor& scales,
+                                    std::optional<at::ScalarType> out_dtype) {
   check_norm(x, norm_weight);
-  return call_linear(rmsnorm(x, norm_weight, eps), w, scales, std::nullopt);
+  const at::Tensor y = call_linear(rmsnorm(x, norm_weight, eps), w, scales, std::nullopt);
+  return out_dtype ? y.to(*out_dtype) : y;
 }
 
 at::Tensor swiglu_linear_reference(const at::Tensor& gate_up, const at::Tensor& w,
@@ -214,10 +216,13 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const OptTensor&
 // The norm and SwiGLU prologues run as plain loops in fp32: as ATen ops they cost ~8 op
 // dispatches per call, more than the GEMV they feed at decode.
 at::Tensor rmsnorm_linear_cpu(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
-                              const at::Tensor& w, const OptTensor& scales) {
+                              const at::Tensor& w, const OptTensor& scales,
+                              std::optional<at::ScalarType> out_dtype) {
   check_norm(x, norm_weight);
-  if (!all_float({&x, &norm_weight}))
-    return linear_cpu(rmsnorm(x, norm_weight, eps), w, scales, std::nullopt);
+  if (!all_float({&x, &norm_weight})) {
+    const at::Tensor y = linear_cpu(rmsnorm(x, norm_weight, eps), w, scales, std::nullopt);
+    return out_dtype ? y.to(*out_dtype) : y;
+  }
   const at::Tensor xc = x.contiguous(), nw = norm_weight.contiguous();
   at::Tensor normed = at::empty_like(xc);
   const int64_t K = xc.size(-1), M = K ? xc.numel() / K : 0;
@@ -231,7 +236,8 @@ at::Tensor rmsnorm_linear_cpu(const at::Tensor& x, const at::Tensor& norm_weight
     const float inv = 1.0f / std::sqrt(ss / static_cast<float>(K) + static_cast<float>(eps));
     for (int64_t k = 0; k < K; ++k) out[m * K + k] = r[k] * inv * wp[k];
   }
-  return linear_cpu(normed, w, scales, std::nullopt);
+  const at::Tensor y = linear_cpu(normed, w, scales, std::nullopt);
+  return out_dtype ? y.to(*out_dtype) : y;
 }
 
 at::Tensor swiglu_linear_cpu(const at::Tensor& gate_up, const at::Tensor& w,
@@ -368,7 +374,7 @@ at::Tensor linear_reference(const at::Tensor& x, const at::Tensor& w, const OptT
 TORCH_LIBRARY(babyrt, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? scales=None, Tensor? residual=None) -> Tensor");
   m.def("rmsnorm_linear(Tensor x, Tensor norm_weight, float eps, Tensor weight, "
-        "Tensor? scales=None) -> Tensor");
+        "Tensor? scales=None, ScalarType? out_dtype=None) -> Tensor");
   m.def("swiglu_linear(Tensor gate_up, Tensor weight, Tensor? scales=None, "
         "Tensor? residual=None) -> Tensor");
   m.def("attention(Tensor qkv, Tensor positions, Tensor? rope_cos, Tensor? rope_sin, "

@@ -4,7 +4,9 @@
 //
 //   linear(x, weight, scales?, residual?)             x @ W^T (+ residual); W float, or int8
 //                                                      with scales [N, K / group]
-//   rmsnorm_linear(x, norm_weight, eps, weight, scales?)   linear(rmsnorm(x) * norm_weight, W)
+//   rmsnorm_linear(x, norm_weight, eps, weight, scales?, out_dtype?)
+//        linear(rmsnorm(x) * norm_weight, W), computed in x's dtype, then cast to out_dtype
+//        (the classifier asks for fp32 logits: one kernel instead of a GEMV and a cast)
 //   swiglu_linear(gate_up, weight, scales?, residual?)     linear(silu(gate) * up, W)
 //   attention(qkv, positions, cos?, sin?, k_cache!, v_cache!, n_heads, n_kv_heads)
 //        RoPE on q and k, k and v written into the cache at `positions`, then each query
@@ -26,7 +28,8 @@ using OptTensor = std::optional<at::Tensor>;
 at::Tensor linear_reference(const at::Tensor& x, const at::Tensor& weight, const OptTensor& scales,
                             const OptTensor& residual);
 at::Tensor rmsnorm_linear_reference(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
-                                    const at::Tensor& w, const OptTensor& scales);
+                                    const at::Tensor& w, const OptTensor& scales,
+                                    std::optional<at::ScalarType> out_dtype);
 at::Tensor swiglu_linear_reference(const at::Tensor& gate_up, const at::Tensor& w,
                                    const OptTensor& scales, const OptTensor& residual);
 at::Tensor attention_reference(const at::Tensor& qkv, const at::Tensor& positions,

@@ -95,8 +95,9 @@ class FusedLlama(nn.Module):
             v_cache = torch.zeros(shape, dtype=x.dtype, device=x.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, self.rope_cos, self.rope_sin, k_cache[i], v_cache[i])
+        # fp32 logits straight from the classifier GEMV (no separate cast kernel on CUDA).
         return torch.ops.babyrt.rmsnorm_linear(x, self.norm, self.eps, self.output.weight,
-                                               self.output.scales).float()
+                                               self.output.scales, torch.float32)
 
 
 def training_state_dict(module) -> tuple:
