@@ -269,7 +269,16 @@ BABYRT_VNNI void gemv_q8_vnni(const int8_t* W, const float* scales, int64_t grou
         const int64_t c0 = g * group + j * kXBlock, c1 = std::min((g + 1) * group, c0 + kXBlock);
         __m512i i[8];
         for (int r = 0; r < 8; ++r) i[r] = _mm512_setzero_si512();
-        for (int64_t k = c0; k < c1; k += 64) {
+        // Whole 64-byte steps unmasked, then the remainder masked: in cache the loop is bound
+        // by its instruction count (one thread, 4096x768: 43-45 -> 47 GB/s).
+        int64_t k = c0;
+        for (; k + 64 <= c1; k += 64) {
+          prefetch_lines(reinterpret_cast<const char*>(W + n * K) + 8 * k + kAheadBytes, 8);
+          const __m512i xv = _mm512_loadu_si512(xq + k);
+          for (int r = 0; r < 8; ++r)
+            i[r] = _mm512_dpbusd_epi32(i[r], _mm512_xor_si512(_mm512_loadu_si512(w[r] + k), flip), xv);
+        }
+        if (k < c1) {
           prefetch_lines(reinterpret_cast<const char*>(W + n * K) + 8 * k + kAheadBytes, 8);
           const __mmask64 m = byte_mask(c1 - k);
           const __m512i xv = _mm512_maskz_loadu_epi8(m, xq + k);  // masked-off lanes: x = 0
