@@ -5,7 +5,9 @@ under torch.profiler, grouped by kernel, per decode step, next to the wall time 
 
 The runtime replays CUDA graphs; CUPTI still reports each kernel in them. 'GPU busy' is the sum
 of kernel durations; the rest of the wall time per step is launch latency and gaps between
-kernels (what fusing kernels and fewer graph launches can win).
+kernels. Run it with BABYRT_PDL=0: under programmatic dependent launch a kernel starts before
+its predecessor ends and its duration includes the wait, so the durations overlap and their sum
+exceeds the wall time.
 """
 from __future__ import annotations
 

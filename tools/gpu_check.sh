@@ -2,7 +2,8 @@
 # One call on the GPU machine: build babyrt with CUDA, run the CUDA tests, and run the GPU
 # benchmarks. Results land in $OUT (or ./gpu_out).
 # Usage: bash tools/gpu_check.sh [tests|int8|bench|profile|seed|sweep|mfu|all]...
-#   profile: the kernels of a decode step, per shape (benchmarks/cuda_decode_profile.py).
+#   profile: the kernels of a decode step, per shape (benchmarks/cuda_decode_profile.py), with
+#   PDL off so that kernel durations do not overlap.
 #   sweep: tools/seed_sweep.py over the specs in $SWEEP_FILE (one NAME:PRESET:JSON per line), all
 #   at once on the GPU, while the tests run (int8 runs before it, bench after it).
 set -uo pipefail
@@ -50,7 +51,7 @@ fi
 if [[ $what == *profile* ]]; then
   for shape in ${BENCH_SHAPES:-stories15M stories110M 1b-gqa}; do
     for q in "" "--quantize int8"; do
-      python3 "$repo/benchmarks/cuda_decode_profile.py" --shape $shape $q \
+      BABYRT_PDL=0 python3 "$repo/benchmarks/cuda_decode_profile.py" --shape $shape $q \
         --json "$OUT/profile_${shape}${q:+_int8}.json" 2>&1 | grep -v Warning
     done
   done
