@@ -83,7 +83,8 @@ void DeviceLoop::reseed(uint64_t seed) {
 // host Sampler: top-k first, then the smallest prefix of the rest whose mass passes top_p,
 // then inverse-CDF sampling with the given random number.
 at::Tensor DeviceLoop::sample(const at::Tensor& logits, const at::Tensor& uniform) const {
-  if (sampling_.temperature == 0) return logits.argmax(-1, /*keepdim=*/true);  // prefill (steps: greedy_advance)
+  // Greedy here serves prefill only: decode steps take greedy_advance (see step()).
+  if (sampling_.temperature == 0) return logits.argmax(-1, /*keepdim=*/true);
   const int64_t V = logits.size(-1);
   at::Tensor vals = at::softmax(logits / sampling_.temperature, -1), idx;
   if (sampling_.top_k > 0 && sampling_.top_k < V)
