@@ -132,6 +132,26 @@ def test_attention_prefill_then_decode(device, H, KV, D):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weights", ["float", "int8", "int8-g32-bf16"])
+def test_embedding(device, dtype, weights):
+    """Rows of the table (dequantized: int8 times its group scale, in fp32), as dtype."""
+    torch.manual_seed(2)
+    table = torch.randn(50, 96, device=device)
+    tokens = torch.tensor([[3, 0, 49], [7, 7, 1]], device=device)
+    if weights == "float":
+        w, s = table.to(dtype), None
+        want = w[tokens]
+    else:
+        w, s = quantize_weight(table, 32 if "g32" in weights else None,
+                               "bf16" if "bf16" in weights else "fp32")
+        want = dequantize(w, s)[tokens].to(dtype)
+    got = ops.embedding(tokens, w, s, dtype)
+    assert got.dtype == dtype and got.shape == (2, 3, 96)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("int8", [False, True])
 def test_rmsnorm_linear_out_dtype(device, dtype, int8):
     """out_dtype=fp32 (the classifier's logits) is the x-dtype result widened, exactly."""

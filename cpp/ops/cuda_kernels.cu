@@ -47,6 +47,7 @@ constexpr int64_t kMaxAttnSlots = 8192;  // scores of the filled slots live in s
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(int8_t v) { return static_cast<float>(v); }
 template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
@@ -663,6 +664,67 @@ at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, co
   return out;
 }
 
+// ------------------------------------------------------------------ embedding
+// One block per token: its row of W (dequantized when int8), as T. One kernel where the
+// reference takes up to four (two gathers, the dequantize and the cast).
+template <typename T, typename W, typename S>
+__global__ void __launch_bounds__(256)
+    embedding_kernel(const int64_t* tokens, const W* w, const S* scales, T* out, int64_t rows,
+                     int K, int groups) {
+  const int64_t t = blockIdx.x;
+  allow_next_launch();
+  wait_for_inputs();  // the token ids come from the previous step
+  const int64_t id = tokens[t];
+  T* o = out + t * K;
+  const bool ok = id >= 0 && id < rows;  // the runtime checks ids first; stay in bounds anyway
+  const W* row = w + (ok ? id : 0) * K;
+  const int group = K / groups;
+  for (int k = threadIdx.x; k < K; k += blockDim.x) {
+    float v = to_float(row[k]);
+    if constexpr (sizeof(W) == 1) v *= to_float(scales[(ok ? id : 0) * groups + k / group]);
+    o[k] = from_float<T>(ok ? v : 0.f);
+  }
+}
+
+at::Tensor embedding_cuda(const at::Tensor& tokens, const at::Tensor& w, const OptTensor& scales,
+                          at::ScalarType dtype) {
+  const bool q8 = scales.has_value();
+  const bool fits =
+      w.dim() == 2 && w.is_contiguous() && tokens.scalar_type() == at::kLong &&
+      tokens.is_contiguous() && tokens.numel() > 0 && tokens.numel() < (int64_t{1} << 31) &&
+      w.size(1) < (int64_t{1} << 30) &&
+      (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) &&
+      (q8 ? w.scalar_type() == at::kChar && scales->is_contiguous() && scales->dim() == 2 &&
+                scales->size(0) == w.size(0) && scales->size(1) > 0 &&
+                w.size(1) % scales->size(1) == 0 &&
+                (scales->scalar_type() == at::kFloat || scales->scalar_type() == at::kBFloat16)
+          : w.scalar_type() == dtype);
+  if (!fits) return embedding_reference(tokens, w, scales, dtype);
+  std::vector<int64_t> shape = tokens.sizes().vec();
+  shape.push_back(w.size(1));
+  at::Tensor out = at::empty(shape, w.options().dtype(dtype));
+  const c10::cuda::CUDAGuard guard(w.device());
+  const int K = static_cast<int>(w.size(1)), groups = q8 ? static_cast<int>(scales->size(1)) : 1;
+  dispatch_float(dtype, [&](auto ttag) {
+    using CT = decltype(ttag);
+    auto run = [&](auto wtag, auto stag) {
+      using WT = decltype(wtag);
+      using ST = decltype(stag);
+      launch(embedding_kernel<CT, WT, ST>, dim3(tokens.numel()), dim3(256), 0,
+             tokens.const_data_ptr<int64_t>(), static_cast<const WT*>(w.const_data_ptr()),
+             q8 ? static_cast<const ST*>(scales->const_data_ptr()) : nullptr,
+             static_cast<CT*>(out.mutable_data_ptr()), w.size(0), K, groups);
+    };
+    if (!q8)
+      run(CT{}, float{});
+    else if (scales->scalar_type() == at::kBFloat16)
+      run(int8_t{}, __nv_bfloat16{});
+    else
+      run(int8_t{}, float{});
+  });
+  return out;
+}
+
 // ------------------------------------------------------------------ greedy step bookkeeping
 constexpr int kArgmaxThreads = 512;
 constexpr int kArgmaxCluster = 8;  // blocks per sequence (one cluster), each a slice of the vocabulary
@@ -770,4 +832,5 @@ TORCH_LIBRARY_IMPL(babyrt, CUDA, m) {
   m.impl("swiglu_linear", swiglu_linear_cuda);
   m.impl("attention", attention_cuda);
   m.impl("greedy_advance", greedy_advance_cuda);
+  m.impl("embedding", embedding_cuda);
 }

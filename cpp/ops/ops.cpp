@@ -153,8 +153,6 @@ at::Tensor attention_reference(const at::Tensor& qkv, const at::Tensor& position
   return y.transpose(1, 2).reshape({B, T, H * D});
 }
 
-namespace {
-
 at::Tensor embedding_reference(const at::Tensor& tokens, const at::Tensor& w,
                                const OptTensor& scales, at::ScalarType dtype) {
   BABYRT_CHECK(w.dim() == 2, "embedding: weight must be 2-D");
@@ -171,6 +169,8 @@ at::Tensor embedding_reference(const at::Tensor& tokens, const at::Tensor& w,
   shape.push_back(w.size(1));
   return rows.to(dtype).view(shape);
 }
+
+namespace {
 
 // ------------------------------------------------------------------ CPU
 bool all_float(std::initializer_list<const at::Tensor*> ts) {

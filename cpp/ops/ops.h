@@ -36,6 +36,8 @@ at::Tensor attention_reference(const at::Tensor& qkv, const at::Tensor& position
                                const OptTensor& cos, const OptTensor& sin, at::Tensor& k_cache,
                                at::Tensor& v_cache, int64_t H, int64_t KV);
 
+at::Tensor embedding_reference(const at::Tensor& tokens, const at::Tensor& w,
+                               const OptTensor& scales, at::ScalarType dtype);
 void greedy_advance_reference(const at::Tensor& logits, const at::Tensor& token,
                               const at::Tensor& position, const at::Tensor& history);
 
