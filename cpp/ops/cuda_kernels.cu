@@ -139,6 +139,18 @@ void dispatch_float(at::ScalarType t, F&& f) {
   }
 }
 
+// f(W{}, S{}) for a call's weights: T (float weights; S unused), or int8 with fp32 or bf16
+// scales (callers check the scales' dtype first).
+template <typename T, typename F>
+void dispatch_weights(const OptTensor& scales, F&& f) {
+  if (!scales)
+    f(T{}, float{});
+  else if (scales->scalar_type() == at::kBFloat16)
+    f(int8_t{}, __nv_bfloat16{});
+  else
+    f(int8_t{}, float{});
+}
+
 // ------------------------------------------------------------------ GEMV
 enum class Act { kNone, kRmsNorm, kSwiGlu };
 
@@ -423,12 +435,7 @@ bool try_gemv(Act act, const at::Tensor& x, const at::Tensor& w, const OptTensor
         case Act::kSwiGlu: launched = launch_gemv<CT, WT, ST, Act::kSwiGlu>(a); break;
       }
     };
-    if (!q8)
-      run(CT{}, float{});
-    else if (scales->scalar_type() == at::kBFloat16)
-      run(int8_t{}, __nv_bfloat16{});
-    else
-      run(int8_t{}, float{});
+    dispatch_weights<CT>(scales, run);
   });
   return launched;
 }
@@ -715,12 +722,7 @@ at::Tensor embedding_cuda(const at::Tensor& tokens, const at::Tensor& w, const O
              q8 ? static_cast<const ST*>(scales->const_data_ptr()) : nullptr,
              static_cast<CT*>(out.mutable_data_ptr()), w.size(0), K, groups);
     };
-    if (!q8)
-      run(CT{}, float{});
-    else if (scales->scalar_type() == at::kBFloat16)
-      run(int8_t{}, __nv_bfloat16{});
-    else
-      run(int8_t{}, float{});
+    dispatch_weights<CT>(scales, run);
   });
   return out;
 }
