@@ -8,11 +8,12 @@
 //   in full lines. The fused ops are one kernel each.
 // - attention_decode: one token per sequence. RoPE on q and k, k and v written into the cache,
 //   softmax(q K^T / sqrt(D)) V over the filled slots only. One block per (head, sequence).
+// - embedding: a token's row, gathered, dequantized (int8 tables) and cast, one kernel.
 // - greedy_advance: argmax of the logits and the decode loop's bookkeeping, one kernel.
 //
-// Both launch with programmatic dependent launch (PDL, Hopper): a kernel starts while its
-// predecessor drains, loads its weights (which no kernel writes), and only then waits for the
-// predecessor's results (griddepcontrol.wait). BABYRT_PDL=0 turns it off, to measure it.
+// All launch with programmatic dependent launch (PDL, Hopper): a kernel starts while its
+// predecessor drains, loads what no kernel writes (the GEMV's weights), and only then waits for
+// the predecessor's results (griddepcontrol.wait). BABYRT_PDL=0 turns it off, to measure it.
 //
 // Roundings follow the references (ops.cpp): intermediate values are rounded to the dtype of x
 // where the reference rounds them, so that the fused ops track the unfused ones. The one
