@@ -1,7 +1,7 @@
 """Bandwidth of babyrt's CUDA int8 linear at batch 1 (decode), against the device-to-device
 copy bandwidth measured in the same run, for the 1B shape's two FFN matrices.
 
-    python benchmarks/int8_gemv_cuda.py [--json OUT]
+    python benchmarks/int8_gemv_cuda.py [--shapes NxK,...] [--json OUT]
 
 The kernels launch with programmatic dependent launch; BABYRT_PDL=0 turns it off to compare.
 Each timing is a CUDA-event measurement of a CUDA graph of 200 back-to-back calls (so that
@@ -43,12 +43,14 @@ def time_calls(fn, n_copies: int, iters: int = 200) -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
+    # The last default, a tiny shape, shows the fixed cost of one call (launch, ramp-up, drain).
+    ap.add_argument("--shapes", default="2048x5632,5632x2048,64x256",
+                    help="comma-separated NxK weight shapes (N outputs, K inputs)")
     a = ap.parse_args()
     copy_bw = copy_bandwidth("cuda")
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows = []
-    # The last, tiny shape shows the fixed cost of one call (launch, ramp-up, drain).
-    for N, K in [(2048, 5632), (5632, 2048), (64, 256)]:
+    for N, K in (tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")):
         n_copies = max(4, 4 * l2 // (N * K) + 1)
         qs = [quantize_weight(torch.randn(N, K, device="cuda")) for _ in range(n_copies)]
         ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(n_copies)]

@@ -63,6 +63,47 @@ def test_int8_linear_equals_dequantize_then_matmul(device, M, N, K, group, scale
     assert torch.equal(got3.view(M, N), ops.linear(x, q, s, None))
 
 
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@NEEDS_CUDA
+# With BABYRT_GEMV=stream, int8 from 2 MB streams through the Hopper kernel's ring: one row per
+# warp (2048x5632), two (2560x2048), four (5632x2048), refills (11264x2048), 8 rows of x.
+@pytest.mark.parametrize("M,N,K", [(1, 2048, 5632), (2, 5632, 2048), (8, 1000, 4096), (1, 2560, 2048),
+                                   (1, 11264, 2048), (1, 32000, 288)])
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int8-g32-bf16"])
+def test_cuda_linear_large_shapes(M, N, K, weights):
+    """Decode-sized GEMVs, equal to the reference and the same bits every call."""
+    g = torch.Generator().manual_seed(N + K)
+    x, w, r = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(M, N, generator=g)
+    x, r = x.cuda().bfloat16(), r.cuda().bfloat16()
+    if weights == "bf16":
+        q, s = w.cuda().bfloat16(), None
+        want = reference_linear(x.float(), q.float(), None, r.float())
+        bound = 0
+    else:
+        q, s = quantize_weight(w, 32 if weights.endswith("g32-bf16") else None,
+                               "bf16" if weights.endswith("bf16") else "fp32")
+        q, s = q.cuda(), s.cuda()
+        want = reference_linear(x.float(), q, s, r.float())
+        bound = int8_activation_bound(x, q, s)
+    got = ops.linear(x, q, s, r)
+    assert got.dtype == torch.bfloat16 and got.shape == (M, N)
+    assert ((got.float() - want).abs() <= bound + 3e-2 * K ** 0.5 + 3e-2 * want.abs()).all()
+    assert torch.equal(ops.linear(x, q, s, r), got)
+
+
+@NEEDS_CUDA
+@pytest.mark.skipif(os.environ.get("BABYRT_GEMV") == "stream", reason="already running it")
+def test_cuda_streamed_gemv_variant():
+    """BABYRT_GEMV=stream picks the streamed GEMV (bulk copies into a shared-memory ring) for
+    int8 weights from 2 MB on Hopper: the CUDA linear tests pass with it too."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        __file__, "-k", "cuda and (linear or fused)"],
+                       env={**os.environ, "BABYRT_GEMV": "stream"}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:]
+
+
 def test_quantize_error_is_within_half_a_step():
     w = torch.randn(96, 256)
     for group in (None, 32, 64, 128):

@@ -5,7 +5,8 @@
 //   int8 with group scales. act is the identity, RMSNorm (rmsnorm_linear) or SwiGLU
 //   (swiglu_linear): each block computes it once into shared memory (int8 per 16 values for
 //   int8 weights), then its warps stream rows of W against it, so every weight byte is read once,
-//   in full lines. The fused ops are one kernel each.
+//   in full lines. The fused ops are one kernel each. BABYRT_GEMV=stream picks, for int8
+//   weights from 2 MB on Hopper, gemv_stream_kernel (weights brought in by bulk copies).
 // - attention_decode: one token per sequence. RoPE on q and k, k and v written into the cache,
 //   softmax(q K^T / sqrt(D)) V over the filled slots only. One block per (head, sequence).
 // - embedding: a token's row, gathered, dequantized (int8 tables) and cast, one kernel.
@@ -164,7 +165,9 @@ struct GemvArgs {
   void* y;               // [M, N], T (or fp32 when y_float)
   float eps;
   int M, N, K, group;
-  int rows_per_warp;     // rows of W each warp takes (the grid covers N with them)
+  int rows_per_warp;     // gemv_kernel: rows of W each warp takes (the grid covers N with them)
+  int ring_slots;        // gemv_stream_kernel: pieces of W its shared-memory ring holds
+  int row_lanes;         // gemv_stream_kernel: lanes per row (32, 16 or 8; a warp takes 32 / it rows)
   bool y_float;          // y is fp32: the T result widened (the reference's cast)
 };
 
@@ -187,7 +190,7 @@ __device__ __forceinline__ void stage_activations(const GemvArgs& a, unsigned ch
   const int64_t xs = kAct == Act::kSwiGlu ? 2 * static_cast<int64_t>(a.K) : a.K;
   __shared__ float inv_rms[kMaxRows];
   if constexpr (kAct == Act::kRmsNorm) {
-    __shared__ float partial[kWarps][kMaxRows];
+    __shared__ float partial[32][kMaxRows];  // one sum per warp (up to 32 warps)
     for (int m = 0; m < a.M; ++m) {
       float ss = 0.f;
       for (int k = threadIdx.x * E; k < a.K; k += blockDim.x * E) {
@@ -203,7 +206,7 @@ __device__ __forceinline__ void stage_activations(const GemvArgs& a, unsigned ch
     __syncthreads();
     if (threadIdx.x < a.M) {
       float ss = 0.f;
-      for (int i = 0; i < kWarps; ++i) ss += partial[i][threadIdx.x];
+      for (int i = 0; i < static_cast<int>(blockDim.x / 32); ++i) ss += partial[i][threadIdx.x];
       inv_rms[threadIdx.x] = rsqrtf(ss / a.K + a.eps);
     }
     __syncthreads();
@@ -254,6 +257,46 @@ __device__ __forceinline__ void stage_activations(const GemvArgs& a, unsigned ch
     }
   }
   __syncthreads();
+}
+
+// The dot product of one 16-byte chunk of weights wv (chunk c of its row) with row m of act(x)
+// as stage_activations left it in smem. int8 weights: DP4A against int8 x, times the weights'
+// scale w_scale and x's scale.
+template <typename T, typename W>
+__device__ __forceinline__ float chunk_dot(const int4& wv, float w_scale, const unsigned char* smem,
+                                           int M, int K, int m, int c) {
+  constexpr int E = 16 / sizeof(W);
+  const int chunks = K / E;
+  if constexpr (sizeof(W) == 1) {
+    const int4 xq = reinterpret_cast<const int4*>(smem)[m * chunks + c];
+    const float xscale = reinterpret_cast<const float*>(smem + static_cast<size_t>(M) * K)[m * chunks + c];
+    int d = __dp4a(wv.x, xq.x, 0);
+    d = __dp4a(wv.y, xq.y, d);
+    d = __dp4a(wv.z, xq.z, d);
+    d = __dp4a(wv.w, xq.w, d);
+    return static_cast<float>(d) * (w_scale * xscale);
+  } else {
+    const int4 xr = reinterpret_cast<const int4*>(smem)[m * chunks + c];
+    const W* wp = reinterpret_cast<const W*>(&wv);
+    const T* xp = reinterpret_cast<const T*>(&xr);
+    float part = 0.f;
+#pragma unroll
+    for (int j = 0; j < E; ++j) part += to_float(wp[j]) * to_float(xp[j]);
+    return part;
+  }
+}
+
+// y[m, n] from its dot product v: the residual added and the result rounded as the reference
+// does (fp32 y: the T result widened).
+template <typename T>
+__device__ __forceinline__ void store_output(const GemvArgs& a, int m, int n, float v) {
+  const int64_t i = static_cast<int64_t>(m) * a.N + n;
+  float out = v;
+  if (a.residual) out = round_to<T>(out) + to_float(static_cast<const T*>(a.residual)[i]);
+  if (a.y_float)
+    static_cast<float*>(a.y)[i] = round_to<T>(out);
+  else
+    static_cast<T*>(a.y)[i] = from_float<T>(out);
 }
 
 // T: dtype of x and y. W: weight element (T, or int8_t with scales S).
@@ -311,24 +354,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
 #pragma unroll
         for (int m = 0; m < kMaxRows; ++m) {
           if (m >= a.M) break;
-          if constexpr (kQ8) {
-            const int4 xq = reinterpret_cast<const int4*>(smem)[m * chunks + c];
-            const float xscale =
-                reinterpret_cast<const float*>(smem + static_cast<size_t>(a.M) * a.K)[m * chunks + c];
-            int d = __dp4a(wv[u].x, xq.x, 0);
-            d = __dp4a(wv[u].y, xq.y, d);
-            d = __dp4a(wv[u].z, xq.z, d);
-            d = __dp4a(wv[u].w, xq.w, d);
-            acc[m] += static_cast<float>(d) * (sv[u] * xscale);
-          } else {
-            const int4 xr = reinterpret_cast<const int4*>(smem)[m * chunks + c];
-            const W* wp = reinterpret_cast<const W*>(&wv[u]);
-            const T* xp = reinterpret_cast<const T*>(&xr);
-            float part = 0.f;
-#pragma unroll
-            for (int j = 0; j < E; ++j) part += to_float(wp[j]) * to_float(xp[j]);
-            acc[m] += part;
-          }
+          acc[m] += chunk_dot<T, W>(wv[u], kQ8 ? sv[u] : 1.f, smem, a.M, a.K, m, c);
         }
       }
     }
@@ -338,17 +364,247 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
       float v = acc[m];
 #pragma unroll
       for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffff, v, off);
-      if (lane == 0) {
-        const int64_t i = static_cast<int64_t>(m) * a.N + n;
-        float out = v;
-        if (a.residual) out = round_to<T>(out) + to_float(static_cast<const T*>(a.residual)[i]);
-        if (a.y_float)
-          static_cast<float*>(a.y)[i] = round_to<T>(out);
-        else
-          static_cast<T*>(a.y)[i] = from_float<T>(out);
-      }
+      if (lane == 0) store_output<T>(a, m, n, v);
     }
   }
+}
+
+// ------------------------------------------------------------------ streamed GEMV (Hopper)
+//
+// The same product as gemv_kernel, for int8 matrices of 2 MB and up, with the weights brought
+// in by the bulk-copy engine (TMA) instead of by the threads' own loads. Opt-in
+// (BABYRT_GEMV=stream): see "Measured" below.
+//
+// One block per SM takes a contiguous slice of rows (slices differ by at most one row, so every
+// SM reads the same bytes). A producer warp copies the slice into a ring of 16 KB pieces in
+// shared memory: the first ring-full before the kernel waits for its inputs, then each piece
+// as soon as every consumer warp has released its slot. The copies hold the bytes in flight
+// without registers, so a block keeps ~100 KB on the way, and the ring leaves room on the SM
+// for the next kernel's block, which under PDL starts its own copies while this one drains.
+// Consumer warps take rows whole (8, 16 or 32 lanes a row; one reduction per row, as in
+// gemv_kernel) and read them from the ring.
+//
+// Measured on the H200 (benchmarks/int8_gemv_cuda.py, a CUDA graph of 200 calls, copy
+// bandwidth ~4.0 TB/s): the copies alone (the math left out) stream a 2048x5632 int8 matrix
+// at 81% of the copy bandwidth. With the math: 2048x5632 4.06-4.34 us (66-72%) and 5632x2048
+// 4.36 us (66%) against gemv_kernel's 4.99 / 5.27 us; 32000x768 9.3 vs 16.3 us; 32000x288
+// 6.1 vs 13.9 us; 2560x2048 3.2 vs 2.6 us (slower). Yet inside a decode step it is slower end
+// to end (stories110M int8 3,417 vs 4,001 tok/s, 1B 1,160-1,173 vs 1,386-1,399), and asking
+// every kernel for the same L1/shared split did not change that; why is not established (the
+// kernel's one big block per SM may overlap its neighbours worse under PDL). A first version
+// that spread 16-byte chunks over all threads and summed each warp's 32 chunks by row was bound
+// by that reduction's instructions (9 us).
+constexpr int kStreamWarps = 16;                          // consumer warps
+constexpr int kStreamThreads = (kStreamWarps + 1) * 32;  // and one producer warp
+constexpr int kPieceBytes = 16384;
+constexpr int kPieceChunks = kPieceBytes / 16;
+constexpr int64_t kStreamMinBytes = 2 << 20;  // smaller matrices: gemv_kernel's lower fixed cost
+
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void barrier_init(uint64_t* bar, int count) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_address(bar)), "r"(count) : "memory");
+#endif
+}
+__device__ __forceinline__ void fence_barrier_init() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void barrier_arrive(uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_address(bar)) : "memory");
+#endif
+}
+// bytes (a multiple of 16) from global src to shared dst by the bulk-copy engine; bar's phase
+// completes when they have landed.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+               ::"r"(smem_address(bar)), "r"(bytes) : "memory");
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+      ::"r"(smem_address(dst)), "l"(src), "r"(bytes), "r"(smem_address(bar)) : "memory");
+#endif
+}
+// Waits until the phase of bar with this parity has completed.
+__device__ __forceinline__ void barrier_wait(uint64_t* bar, uint32_t parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t done = 0;
+  while (!done)
+    asm volatile(
+        "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+        : "=r"(done) : "r"(smem_address(bar)), "r"(parity) : "memory");
+#endif
+}
+
+// Where the streamed GEMV keeps what in its dynamic shared memory (byte offsets), for a block
+// of at most rows_max rows; the same on the host (sizing) and on the device.
+struct StreamLayout {
+  size_t ring, scales, barriers, total;
+};
+template <typename T, typename W, typename S>
+__host__ __device__ StreamLayout stream_layout(int M, int K, int group, int rows_max, int slots) {
+  auto up = [](size_t v) { return (v + 127) / 128 * 128; };
+  StreamLayout l;
+  l.ring = up(gemv_smem_bytes<T, W>(M, K));  // act(x) first
+  l.scales = l.ring + static_cast<size_t>(slots) * kPieceBytes;
+  const size_t scale_bytes = sizeof(W) == 1 ? static_cast<size_t>(rows_max) * (K / group) * sizeof(S) : 0;
+  l.barriers = up(l.scales + scale_bytes);
+  l.total = l.barriers + 2 * static_cast<size_t>(slots) * sizeof(uint64_t);  // full, then empty
+  return l;
+}
+
+// At most 60 registers a thread: two blocks fit on an SM (this one and the next kernel's).
+template <typename T, typename W, typename S, Act kAct>
+__global__ void __launch_bounds__(kStreamThreads, 2) gemv_stream_kernel(GemvArgs a) {
+  extern __shared__ int4 dynamic_smem[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(dynamic_smem);
+  constexpr int E = 16 / sizeof(W);
+  constexpr bool kQ8 = sizeof(W) == 1;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int chunks = a.K / E, slots = a.ring_slots;
+  const int rows_max = (a.N + gridDim.x - 1) / gridDim.x;
+  const StreamLayout lay = stream_layout<T, W, S>(a.M, a.K, a.group, rows_max, slots);
+  const int r0 = static_cast<int>(static_cast<int64_t>(blockIdx.x) * a.N / gridDim.x);
+  const int rows = static_cast<int>(static_cast<int64_t>(blockIdx.x + 1) * a.N / gridDim.x) - r0;
+  const int slice_chunks = rows * chunks;  // the host keeps this below 2^30
+  const int pieces = (slice_chunks + kPieceChunks - 1) / kPieceChunks;
+  const int4* slice = reinterpret_cast<const int4*>(static_cast<const W*>(a.w) + static_cast<int64_t>(r0) * a.K);
+  const int4* ring = reinterpret_cast<const int4*>(smem + lay.ring);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + lay.barriers);
+  uint64_t* empty = full + slots;
+  auto issue = [&](int p) {
+    const int n = min(kPieceChunks, slice_chunks - p * kPieceChunks);
+    bulk_copy(smem + lay.ring + static_cast<size_t>(p % slots) * kPieceBytes,
+              slice + static_cast<int64_t>(p) * kPieceChunks, n * 16, &full[p % slots]);
+  };
+  // The weights and their scales before waiting: no kernel writes them.
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < slots; ++s) {
+      barrier_init(&full[s], 1);
+      barrier_init(&empty[s], kStreamWarps);
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0)
+    for (int p = 0; p < min(pieces, slots); ++p) issue(p);
+  allow_next_launch();
+  const int groups = a.K / a.group;
+  S* scales = reinterpret_cast<S*>(smem + lay.scales);
+  if constexpr (kQ8) {
+    const S* src = static_cast<const S*>(a.scales) + static_cast<int64_t>(r0) * groups;
+    for (int i = threadIdx.x; i < rows * groups; i += blockDim.x) scales[i] = src[i];
+  }
+  wait_for_inputs();
+  stage_activations<T, W, kAct>(a, smem);  // ends with __syncthreads: the scales are in too
+
+  if (warp == kStreamWarps) {  // the producer: each further piece once its slot is released
+    if (lane == 0)
+      for (int p = slots; p < pieces; ++p) {
+        barrier_wait(&empty[p % slots], (p / slots - 1) & 1);
+        issue(p);
+      }
+    return;
+  }
+  // A consumer warp takes row_lanes lanes per row, 32 / row_lanes rows at a time (short rows:
+  // several rows' loads and reductions overlap), the groups of rows warp, warp + kStreamWarps,
+  // ... It walks the pieces in order: before a group it releases the pieces below the group,
+  // each once it has landed (so that an arrival always counts for the piece its slot holds),
+  // then waits for the pieces the group lies in. A group spans at most slots - 1 pieces (the
+  // host checks), so the warp with the lowest group can always go on: no deadlock.
+  int released = 0;
+  auto release_below = [&](int p_end) {
+    __syncwarp();  // every lane's reads of those pieces are done
+    for (; released < p_end; ++released) {
+      barrier_wait(&full[released % slots], (released / slots) & 1);
+      if (lane == 0) barrier_arrive(&empty[released % slots]);
+    }
+  };
+  const int ring_chunks = slots * kPieceChunks;
+  const int L = a.row_lanes, per_warp = 32 / L;
+  const int sub = lane / L, col = lane % L;
+  for (int first = warp * per_warp; first < rows; first += kStreamWarps * per_warp) {
+    const int group_end = min(first + per_warp, rows);
+    release_below(first * chunks / kPieceChunks);
+    for (int p = first * chunks / kPieceChunks; p <= (group_end * chunks - 1) / kPieceChunks; ++p)
+      barrier_wait(&full[p % slots], (p / slots) & 1);
+    const int r = first + sub;
+    const bool has_row = r < rows;
+    float acc[kMaxRows];
+#pragma unroll
+    for (int m = 0; m < kMaxRows; ++m) acc[m] = 0.f;
+    if (has_row) {
+      int pos = (r * chunks + col) % ring_chunks;  // the chunk's place in the ring
+      const S* row_scales = scales + r * groups;
+      const float row_scale = kQ8 ? to_float(row_scales[0]) : 1.f;
+      for (int c = col; c < chunks; c += L) {
+        const int4 wv = ring[pos];
+        const float ws = !kQ8 ? 1.f : groups == 1 ? row_scale : to_float(row_scales[c * E / a.group]);
+#pragma unroll
+        for (int m = 0; m < kMaxRows; ++m) {
+          if (m >= a.M) break;
+          acc[m] += chunk_dot<T, W>(wv, ws, smem, a.M, a.K, m, c);
+        }
+        pos += L;
+        if (pos >= ring_chunks) pos -= ring_chunks;
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < kMaxRows; ++m) {
+      if (m >= a.M) break;
+      float v = acc[m];
+      for (int off = L / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffff, v, off);
+      if (col == 0 && has_row) store_output<T>(a, m, r0 + r, v);
+    }
+  }
+  release_below(pieces);
+}
+
+// Launches the streamed GEMV; false where it does not apply: before Hopper, small matrices,
+// or a slice whose scales leave no room for a ring that holds a row and a piece.
+template <typename T, typename W, typename S, Act kAct>
+bool launch_gemv_stream(GemvArgs& a) {
+  auto kernel = gemv_stream_kernel<T, W, S, kAct>;
+  struct Info {
+    bool hopper;
+    int sms, budget;
+  };
+  static const Info info = [&] {
+    int device = 0, sms = 0, optin = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    // Room for this block and one of the next kernel, less 1 KB per block the driver keeps.
+    const int budget = optin / 2 - static_cast<int>(attr.sharedSizeBytes) - 1024;
+    if (budget > 0)
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, budget));
+    return Info{attr.binaryVersion >= 90, sms, budget};
+  }();
+  const int64_t chunks = a.K / (16 / sizeof(W));
+  if (!info.hopper || static_cast<int64_t>(a.N) * chunks * 16 < kStreamMinBytes) return false;
+  const int blocks = std::min(info.sms, a.N);
+  const int rows_max = (a.N + blocks - 1) / blocks;
+  const int64_t slice_chunks = rows_max * chunks;
+  if (slice_chunks >= (int64_t{1} << 30)) return false;
+  const int64_t pieces = (slice_chunks + kPieceChunks - 1) / kPieceChunks;
+  // Rows per warp at once: 1 while the slice has a row per warp, up to 4 (8 lanes a row).
+  const int64_t rows_per_warp = (rows_max + kStreamWarps - 1) / kStreamWarps;
+  a.row_lanes = rows_per_warp >= 3 ? 8 : rows_per_warp == 2 ? 16 : 32;
+  const int64_t group_chunks = (32 / a.row_lanes) * chunks;
+  const int64_t min_slots = std::min<int64_t>(pieces, (group_chunks + kPieceChunks - 1) / kPieceChunks + 1);
+  const size_t fixed = stream_layout<T, W, S>(a.M, a.K, a.group, rows_max, 0).total;
+  const size_t per_slot = kPieceBytes + 2 * sizeof(uint64_t);
+  if (fixed + min_slots * per_slot > static_cast<size_t>(info.budget)) return false;
+  a.ring_slots = static_cast<int>(std::min<int64_t>(pieces, (info.budget - fixed) / per_slot));
+  const size_t smem = stream_layout<T, W, S>(a.M, a.K, a.group, rows_max, a.ring_slots).total;
+  launch(kernel, dim3(blocks), dim3(kStreamThreads), smem, a);
+  return true;
 }
 
 bool aligned16(const at::Tensor& t) {
@@ -359,6 +615,16 @@ bool aligned16(const at::Tensor& t) {
 // act(x) is staged once per resident block and every warp takes the same number of rows.
 template <typename T, typename W, typename S, Act kAct>
 bool launch_gemv(GemvArgs a) {
+  // BABYRT_GEMV=stream: the streamed kernel where it applies (int8 from 2 MB, Hopper). Not the
+  // default: faster alone, slower inside a decode step (see the comment above it).
+  static const bool stream = [] {
+    const char* v = std::getenv("BABYRT_GEMV");
+    return v && std::strcmp(v, "stream") == 0;
+  }();
+  // int8 weights only: with float weights (twice the chunks a row) the consumers' math did not
+  // keep up (H200: bf16 2048x5632 9.35 vs gemv_kernel's 7.97 us).
+  if constexpr (sizeof(W) == 1)
+    if (stream && launch_gemv_stream<T, W, S, kAct>(a)) return true;
   auto kernel = gemv_kernel<T, W, S, kAct>;
   const size_t smem = gemv_smem_bytes<T, W>(a.M, a.K);
   // The dynamic shared memory a block may take: the device's opt-in limit less the kernel's
@@ -421,7 +687,7 @@ bool try_gemv(Act act, const at::Tensor& x, const at::Tensor& w, const OptTensor
              norm ? norm->const_data_ptr() : nullptr,
              residual ? residual->const_data_ptr() : nullptr, y.mutable_data_ptr(),
              static_cast<float>(eps), static_cast<int>(M), static_cast<int>(N),
-             static_cast<int>(K), static_cast<int>(group), 1,
+             static_cast<int>(K), static_cast<int>(group), 1, 0, 32,
              y.scalar_type() == at::kFloat && T != at::kFloat};
   const c10::cuda::CUDAGuard guard(x.device());
   bool launched = false;

@@ -46,14 +46,25 @@ def _synthetic_vocab(path: Path, vocab_size: int) -> None:
 
 
 def copy_bandwidth(device: str) -> float:
-    """Bytes moved per second (read + write) by a 256 MB device-to-device copy, best of 5."""
+    """Bytes moved per second (read + write) by a 256 MB device-to-device copy, best of 5.
+    On CUDA the copy is timed with CUDA events: a host timer adds the launch and the
+    synchronisation to a ~0.13 ms copy (H200: 3.74 TB/s host-timed, 3.93-4.07 with events)."""
     src = torch.ones(64 << 20, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up
     best = float("inf")
-    for _ in range(6):
-        t = _now(device)
-        dst.copy_(src)
-        best = min(best, _now(device) - t)
+    for _ in range(5):
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            dst.copy_(src)
+            best = min(best, time.perf_counter() - t)
     return 2 * src.nbytes / best
 
 
