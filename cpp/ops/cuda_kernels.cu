@@ -514,8 +514,9 @@ __global__ void __launch_bounds__(kStreamThreads, 2) gemv_stream_kernel(GemvArgs
   // several rows' loads and reductions overlap), the groups of rows warp, warp + kStreamWarps,
   // ... It walks the pieces in order: before a group it releases the pieces below the group,
   // each once it has landed (so that an arrival always counts for the piece its slot holds),
-  // then waits for the pieces the group lies in. A group spans at most slots - 1 pieces (the
-  // host checks), so the warp with the lowest group can always go on: no deadlock.
+  // then waits for the pieces the group lies in. A group spans at most `slots` pieces (the
+  // host checks), so the pieces of the lowest group all fit in the ring at once: its warp can
+  // always go on, and the ring cannot deadlock.
   int released = 0;
   auto release_below = [&](int p_end) {
     __syncwarp();  // every lane's reads of those pieces are done
