@@ -390,8 +390,10 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
 // 4.36 us (66%) against gemv_kernel's 4.99 / 5.27 us; 32000x768 9.3 vs 16.3 us; 32000x288
 // 6.1 vs 13.9 us; 2560x2048 3.2 vs 2.6 us (slower). Yet inside a decode step it is slower end
 // to end (stories110M int8 3,417 vs 4,001 tok/s, 1B 1,160-1,173 vs 1,386-1,399), and asking
-// every kernel for the same L1/shared split did not change that; why is not established (the
-// kernel's one big block per SM may overlap its neighbours worse under PDL). A first version
+// every kernel for the same L1/shared split did not change that. A likely cause, not yet
+// tested: two of these blocks fit on one SM, so while a neighbouring kernel still holds some
+// SMs the scheduler can put two slices on one free SM, which then takes twice as long (in the
+// benchmark, back-to-back calls leave exactly one free slot per SM). A first version
 // that spread 16-byte chunks over all threads and summed each warp's 32 chunks by row was bound
 // by that reduction's instructions (9 us).
 constexpr int kStreamWarps = 16;                          // consumer warps
