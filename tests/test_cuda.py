@@ -145,3 +145,96 @@ def test_cuda_decode_attention_matches_reference(dtype, H, KV, D):
     torch.testing.assert_close(got.float(), want, **tol)
     torch.testing.assert_close(kc.float(), kr, **tol)
     torch.testing.assert_close(vc.float(), vr, **tol)
+
+
+def _step_model(case: str, dtype: torch.dtype):
+    """A small random FusedLlama on CUDA, float weights in dtype (as the runtime converts them:
+    parameters only; int8 weights, scales and RoPE tables stay as they are)."""
+    from babyrt.fused_llama import FusedLlama
+    from babyrt.quantize import QuantConfig
+    from babyrt.training.models.llama import Llama, LlamaConfig
+    torch.manual_seed(0)
+    shape = dict(vocab_size=320, dim=128, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=352,
+                 context_length=64, tie_embeddings=True)
+    if case == "mha-untied":
+        shape.update(n_kv_heads=4, tie_embeddings=False)
+    quant = {"int8": QuantConfig(),
+             "int8-g32-bf16-float-classifier": QuantConfig(group_size=32, scale_dtype="bf16",
+                                                            classifier=False, embedding=True),
+             "int8-g64-untied": QuantConfig(group_size=64, embedding=True)}.get(case)
+    if case == "int8-g64-untied":
+        shape.update(tie_embeddings=False)
+    m = FusedLlama(Llama(LlamaConfig(**shape)).eval(), quant)
+    for p in m.parameters():
+        p.data = p.data.to(dtype)
+    return m.to("cuda")
+
+
+def _op_by_op(m, tok, pos, kc, vc):
+    """The same step through the one-op kernels (FusedLlama's path for other shapes)."""
+    ops = torch.ops.babyrt
+    x = ops.embedding(tok, m.tok_embeddings.weight, m.tok_embeddings.scales, m.norm.dtype)
+    for i, layer in enumerate(m.layers):
+        x = layer(x, pos, m.rope_cos, m.rope_sin, kc[i], vc[i])
+    return ops.rmsnorm_linear(x, m.norm, m.eps, m.output.weight, m.output.scales, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["float", "mha-untied", "int8", "int8-g32-bf16-float-classifier",
+                                  "int8-g64-untied"])
+def test_cuda_decode_step_matches_op_by_op(case, dtype):
+    """babyrt::decode_step (the whole step as one kernel) against the same step op by op: the
+    logits and the KV cache it writes, over 40 steps that run past several ring refills."""
+    m = _step_model(case, dtype)
+    L, KV, S, D = m.n_layers, m.n_kv_heads, m.context_length, m.head_dim
+    kc = torch.zeros(L, 1, KV, S, D, device="cuda", dtype=dtype)
+    vc = torch.zeros_like(kc)
+    prompt = torch.randint(0, 320, (1, 7), device="cuda")
+    m(prompt, torch.arange(7, device="cuda")[None], kc, vc)  # prefill: op by op (7 tokens)
+    kr, vr = kc.clone(), vc.clone()
+    tok = prompt[:, -1:]
+    weights, scales = m.step_tensors()
+    for p in range(7, 47):
+        pos = torch.tensor([[p]], device="cuda")
+        got = torch.ops.babyrt.decode_step(tok, pos, weights, scales, m.rope_cos, m.rope_sin, kc, vc,
+                                           m.n_heads, m.n_kv_heads, m.eps)
+        assert got.shape == (1, 1, 320), "the one-kernel step did not cover this model"
+        want = _op_by_op(m, tok, pos, kr, vr)
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got, want, atol=2e-2 * scale, rtol=2e-2)
+        torch.testing.assert_close(kc, kr, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(vc, vr, atol=2e-2, rtol=2e-2)
+        tok = want.argmax(-1)
+    # FusedLlama.forward takes the one-kernel step for such a call.
+    pos = torch.tensor([[47]], device="cuda")
+    k2, v2 = kc.clone(), vc.clone()
+    direct = torch.ops.babyrt.decode_step(tok, pos, weights, scales, m.rope_cos, m.rope_sin, kc, vc,
+                                          m.n_heads, m.n_kv_heads, m.eps)
+    assert torch.equal(m(tok, pos, k2, v2), direct)
+
+
+def test_cuda_decode_step_declines_what_it_does_not_cover():
+    """fp32 weights, a batch of two: an empty result, and FusedLlama runs the layers op by op."""
+    m = _step_model("float", torch.float32)
+    weights, scales = m.step_tensors()
+    kc = torch.zeros(m.n_layers, 1, m.n_kv_heads, m.context_length, m.head_dim, device="cuda")
+    tok, pos = torch.tensor([[3]], device="cuda"), torch.tensor([[0]], device="cuda")
+    out = torch.ops.babyrt.decode_step(tok, pos, weights, scales, m.rope_cos, m.rope_sin, kc,
+                                       kc.clone(), m.n_heads, m.n_kv_heads, m.eps)
+    assert out.numel() == 0
+    assert m(tok, pos, kc, kc.clone()).shape == (1, 1, 320)
+
+
+def test_cuda_generation_with_and_without_the_one_kernel_step(trained_artifact):
+    """Greedy bf16 generation through graphs of one-kernel steps equals the op-by-op steps'
+    (BABYRT_DECODE_STEP=0, read once per process, hence the subprocess)."""
+    import os
+    import subprocess
+    import sys
+    code = ("import babyrt, sys; rt = babyrt.load(sys.argv[1], device='cuda', dtype='bf16'); "
+            "print(repr(rt.generate('The ', max_new_tokens=48, temperature=0)))")
+    runs = [subprocess.run([sys.executable, "-c", code, str(trained_artifact)], capture_output=True,
+                           text=True, env={**os.environ, "BABYRT_DECODE_STEP": flag},
+                           timeout=300) for flag in ("1", "0")]
+    assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
+    assert runs[0].stdout == runs[1].stdout and len(runs[0].stdout) > 10

@@ -19,285 +19,14 @@
 // Roundings follow the references (ops.cpp): intermediate values are rounded to the dtype of x
 // where the reference rounds them, so that the fused ops track the unfused ones. The one
 // departure: int8 weights meet act(x) rounded to int8 (as on the CPU's VNNI path).
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cooperative_groups.h>
-#include <cuda_fp16.h>
-#include <torch/library.h>
-
-#include <algorithm>
-#include <climits>
-#include <cstdlib>
-#include <cstring>
-
-#include "ops/ops.h"
+#include "ops/cuda_common.cuh"
 
 namespace babyrt::ops {
 namespace {
 
-constexpr int kMaxRows = 8;      // rows of x a GEMV takes; more run as a GEMM (cuBLAS)
 constexpr int kWarps = 8;        // warps per block (each takes rows of W)
 constexpr int kBatch = 8;        // 16-byte weight chunks per lane in flight at once
 constexpr int kAttnThreads = 256;
-constexpr int kMaxHeadDim = 256;
-constexpr int64_t kMaxAttnSlots = 8192;  // scores of the filled slots live in shared memory
-
-// ------------------------------------------------------------------ helpers
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(int8_t v) { return static_cast<float>(v); }
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16(v);
-}
-// v rounded to T and back: what storing an fp32 intermediate as T does in the reference.
-template <typename T> __device__ __forceinline__ float round_to(float v) {
-  return to_float(from_float<T>(v));
-}
-
-// PDL: wait for the previous kernel's results / let the next kernel launch.
-__device__ __forceinline__ void wait_for_inputs() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void allow_next_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
-}
-
-// N consecutive T values at p (16-byte aligned, N * sizeof(T) a multiple of 16), as floats.
-template <typename T, int N>
-__device__ __forceinline__ void load_floats(const T* p, float (&out)[N]) {
-  static_assert(N * sizeof(T) % 16 == 0, "whole 16-byte vectors only");
-  constexpr int kVecs = N * sizeof(T) / 16;
-  int4 raw[kVecs];
-#pragma unroll
-  for (int i = 0; i < kVecs; ++i) raw[i] = reinterpret_cast<const int4*>(p)[i];
-  const T* v = reinterpret_cast<const T*>(raw);
-#pragma unroll
-  for (int i = 0; i < N; ++i) out[i] = to_float(v[i]);
-}
-
-// Launches kernel on the current stream with PDL and, when cluster > 1, thread-block clusters
-// of `cluster` blocks along x (grid.x must be a multiple of it).
-template <typename Kernel, typename... Args>
-void launch_clustered(Kernel kernel, dim3 grid, dim3 block, size_t smem, int cluster, Args... args) {
-  static const bool pdl = [] {
-    const char* v = std::getenv("BABYRT_PDL");
-    return !(v && std::strcmp(v, "0") == 0);
-  }();
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem;
-  config.stream = c10::cuda::getCurrentCUDAStream();
-  cudaLaunchAttribute attr[2];
-  int n = 0;
-  if (pdl) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  if (cluster > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = cluster;
-    attr[n].val.clusterDim.y = 1;
-    attr[n++].val.clusterDim.z = 1;
-  }
-  config.attrs = attr;
-  config.numAttrs = n;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
-}
-
-template <typename Kernel, typename... Args>
-void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
-  launch_clustered(kernel, grid, block, smem, 1, args...);
-}
-
-// Whether kernel runs in thread-block clusters on the current device: the binary picked for it
-// must be for compute capability 9.0 or up (its cluster code is compiled only there).
-template <typename Kernel>
-bool runs_clusters(Kernel kernel) {
-  cudaFuncAttributes attr;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  return attr.binaryVersion >= 90;
-}
-
-// f(T{}) with T the CUDA type of a float dtype (callers check the dtype first).
-template <typename F>
-void dispatch_float(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(__half{}); break;
-    case at::kBFloat16: f(__nv_bfloat16{}); break;
-    default: TORCH_CHECK(false, "babyrt CUDA kernels take fp32, fp16 or bf16");
-  }
-}
-
-// f(W{}, S{}) for a call's weights: T (float weights; S unused), or int8 with fp32 or bf16
-// scales (callers check the scales' dtype first).
-template <typename T, typename F>
-void dispatch_weights(const OptTensor& scales, F&& f) {
-  if (!scales)
-    f(T{}, float{});
-  else if (scales->scalar_type() == at::kBFloat16)
-    f(int8_t{}, __nv_bfloat16{});
-  else
-    f(int8_t{}, float{});
-}
-
-// ------------------------------------------------------------------ GEMV
-enum class Act { kNone, kRmsNorm, kSwiGlu };
-
-struct GemvArgs {
-  const void* w;         // [N, K], int8 or T
-  const void* scales;    // [N, K / group] (int8 weights only)
-  const void* x;         // [M, K] (kSwiGlu: [M, 2K], gate then up)
-  const void* norm;      // [K] (kRmsNorm)
-  const void* residual;  // [M, N] or null
-  void* y;               // [M, N], T (or fp32 when y_float)
-  float eps;
-  int M, N, K, group;
-  int rows_per_warp;     // gemv_kernel: rows of W each warp takes (the grid covers N with them)
-  int ring_slots;        // gemv_stream_kernel: pieces of W its shared-memory ring holds
-  int row_lanes;         // gemv_stream_kernel: lanes per row (32, 16 or 8; a warp takes 32 / it rows)
-  bool y_float;          // y is fp32: the T result widened (the reference's cast)
-};
-
-// Shared memory the GEMV stages act(x) in: as T for float weights; as int8 with one fp32 scale
-// per 16 values for int8 weights (so that the dot products run on DP4A, see below).
-template <typename T, typename W>
-__host__ __device__ constexpr size_t gemv_smem_bytes(int M, int K) {
-  return sizeof(W) == 1 ? static_cast<size_t>(M) * K + static_cast<size_t>(M) * (K / 16) * sizeof(float)
-                        : static_cast<size_t>(M) * K * sizeof(T);
-}
-
-// The first pass of the GEMV: act(x) for all M rows, computed once per block (not once per
-// output row) into shared memory. Roundings follow the references.
-template <typename T, typename W, Act kAct>
-__device__ __forceinline__ void stage_activations(const GemvArgs& a, unsigned char* smem) {
-  constexpr int E = 16 / sizeof(T);  // values of x per 16-byte vector
-  constexpr bool kQ8 = sizeof(W) == 1;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const T* x = static_cast<const T*>(a.x);
-  const int64_t xs = kAct == Act::kSwiGlu ? 2 * static_cast<int64_t>(a.K) : a.K;
-  __shared__ float inv_rms[kMaxRows];
-  if constexpr (kAct == Act::kRmsNorm) {
-    __shared__ float partial[32][kMaxRows];  // one sum per warp (up to 32 warps)
-    for (int m = 0; m < a.M; ++m) {
-      float ss = 0.f;
-      for (int k = threadIdx.x * E; k < a.K; k += blockDim.x * E) {
-        float v[E];
-        load_floats<T, E>(x + m * xs + k, v);
-#pragma unroll
-        for (int j = 0; j < E; ++j) ss += v[j] * v[j];
-      }
-#pragma unroll
-      for (int off = 16; off > 0; off /= 2) ss += __shfl_xor_sync(0xffffffff, ss, off);
-      if (lane == 0) partial[warp][m] = ss;
-    }
-    __syncthreads();
-    if (threadIdx.x < a.M) {
-      float ss = 0.f;
-      for (int i = 0; i < static_cast<int>(blockDim.x / 32); ++i) ss += partial[i][threadIdx.x];
-      inv_rms[threadIdx.x] = rsqrtf(ss / a.K + a.eps);
-    }
-    __syncthreads();
-  }
-  // Groups of 16 values (the int8 quantization group; two or four vectors of x).
-  const int groups = a.K / 16;
-  for (int i = threadIdx.x; i < a.M * groups; i += blockDim.x) {
-    const int m = i / groups, k = (i % groups) * 16;
-    float v[16];
-#pragma unroll
-    for (int h = 0; h < 16; h += E) {
-      float part[E];
-      load_floats<T, E>(x + m * xs + k + h, part);
-      if constexpr (kAct == Act::kRmsNorm) {
-        float g[E];
-        load_floats<T, E>(static_cast<const T*>(a.norm) + k + h, g);
-#pragma unroll
-        for (int j = 0; j < E; ++j) part[j] = round_to<T>(round_to<T>(part[j] * inv_rms[m]) * g[j]);
-      } else if constexpr (kAct == Act::kSwiGlu) {
-        float up[E];
-        load_floats<T, E>(x + m * xs + a.K + k + h, up);
-#pragma unroll
-        for (int j = 0; j < E; ++j)
-          part[j] = round_to<T>(round_to<T>(part[j] / (1.f + __expf(-part[j]))) * up[j]);
-      }
-#pragma unroll
-      for (int j = 0; j < E; ++j) v[h + j] = part[j];
-    }
-    if constexpr (kQ8) {
-      // Symmetric int8 with one scale per 16 values: the rounding error of a value is at most
-      // half a step, max|group| / 254.
-      float amax = 0.f;
-#pragma unroll
-      for (int j = 0; j < 16; ++j) amax = fmaxf(amax, fabsf(v[j]));
-      const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      alignas(16) int8_t q[16];
-#pragma unroll
-      for (int j = 0; j < 16; ++j) q[j] = static_cast<int8_t>(__float2int_rn(v[j] * inv));
-      reinterpret_cast<int4*>(smem)[i] = *reinterpret_cast<const int4*>(q);
-      reinterpret_cast<float*>(smem + static_cast<size_t>(a.M) * a.K)[i] = scale;
-    } else {
-      alignas(16) T t[16];
-#pragma unroll
-      for (int j = 0; j < 16; ++j) t[j] = from_float<T>(v[j]);
-#pragma unroll
-      for (int h = 0; h < 16; h += E)
-        reinterpret_cast<int4*>(smem)[(i * 16 + h) / E] = *reinterpret_cast<const int4*>(t + h);
-    }
-  }
-  __syncthreads();
-}
-
-// The dot product of one 16-byte chunk of weights wv (chunk c of its row) with row m of act(x)
-// as stage_activations left it in smem. int8 weights: DP4A against int8 x, times the weights'
-// scale w_scale and x's scale.
-template <typename T, typename W>
-__device__ __forceinline__ float chunk_dot(const int4& wv, float w_scale, const unsigned char* smem,
-                                           int M, int K, int m, int c) {
-  constexpr int E = 16 / sizeof(W);
-  const int chunks = K / E;
-  if constexpr (sizeof(W) == 1) {
-    const int4 xq = reinterpret_cast<const int4*>(smem)[m * chunks + c];
-    const float xscale = reinterpret_cast<const float*>(smem + static_cast<size_t>(M) * K)[m * chunks + c];
-    int d = __dp4a(wv.x, xq.x, 0);
-    d = __dp4a(wv.y, xq.y, d);
-    d = __dp4a(wv.z, xq.z, d);
-    d = __dp4a(wv.w, xq.w, d);
-    return static_cast<float>(d) * (w_scale * xscale);
-  } else {
-    const int4 xr = reinterpret_cast<const int4*>(smem)[m * chunks + c];
-    const W* wp = reinterpret_cast<const W*>(&wv);
-    const T* xp = reinterpret_cast<const T*>(&xr);
-    float part = 0.f;
-#pragma unroll
-    for (int j = 0; j < E; ++j) part += to_float(wp[j]) * to_float(xp[j]);
-    return part;
-  }
-}
-
-// y[m, n] from its dot product v: the residual added and the result rounded as the reference
-// does (fp32 y: the T result widened).
-template <typename T>
-__device__ __forceinline__ void store_output(const GemvArgs& a, int m, int n, float v) {
-  const int64_t i = static_cast<int64_t>(m) * a.N + n;
-  float out = v;
-  if (a.residual) out = round_to<T>(out) + to_float(static_cast<const T*>(a.residual)[i]);
-  if (a.y_float)
-    static_cast<float*>(a.y)[i] = round_to<T>(out);
-  else
-    static_cast<T*>(a.y)[i] = from_float<T>(out);
-}
 
 // T: dtype of x and y. W: weight element (T, or int8_t with scales S).
 //
@@ -398,49 +127,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
 // by that reduction's instructions (9 us).
 constexpr int kStreamWarps = 16;                          // consumer warps
 constexpr int kStreamThreads = (kStreamWarps + 1) * 32;  // and one producer warp
-constexpr int kPieceBytes = 16384;
-constexpr int kPieceChunks = kPieceBytes / 16;
 constexpr int64_t kStreamMinBytes = 2 << 20;  // smaller matrices: gemv_kernel's lower fixed cost
-
-__device__ __forceinline__ uint32_t smem_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void barrier_init(uint64_t* bar, int count) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_address(bar)), "r"(count) : "memory");
-#endif
-}
-__device__ __forceinline__ void fence_barrier_init() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void barrier_arrive(uint64_t* bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_address(bar)) : "memory");
-#endif
-}
-// bytes (a multiple of 16) from global src to shared dst by the bulk-copy engine; bar's phase
-// completes when they have landed.
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
-               ::"r"(smem_address(bar)), "r"(bytes) : "memory");
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-      ::"r"(smem_address(dst)), "l"(src), "r"(bytes), "r"(smem_address(bar)) : "memory");
-#endif
-}
-// Waits until the phase of bar with this parity has completed.
-__device__ __forceinline__ void barrier_wait(uint64_t* bar, uint32_t parity) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  uint32_t done = 0;
-  while (!done)
-    asm volatile(
-        "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-        : "=r"(done) : "r"(smem_address(bar)), "r"(parity) : "memory");
-#endif
-}
 
 // Where the streamed GEMV keeps what in its dynamic shared memory (byte offsets), for a block
 // of at most rows_max rows; the same on the host (sizing) and on the device.
@@ -610,10 +297,6 @@ bool launch_gemv_stream(GemvArgs& a) {
   return true;
 }
 
-bool aligned16(const at::Tensor& t) {
-  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
-}
-
 // Launches one GEMV instance over a grid sized to what fits on the device at once, so that
 // act(x) is staged once per resident block and every warp takes the same number of rows.
 template <typename T, typename W, typename S, Act kAct>
@@ -751,159 +434,13 @@ at::Tensor swiglu_linear_cuda(const at::Tensor& gate_up, const at::Tensor& w,
 }
 
 // ------------------------------------------------------------------ attention at decode
-struct AttnArgs {
-  const void* qkv;           // [B, 1, (H + 2 KV) D]
-  const int64_t* positions;  // [B, 1]
-  const float* cos;          // [P, D/2] or null
-  const float* sin;
-  void* k_cache;             // [B, KV, S, D]
-  void* v_cache;
-  void* out;                 // [B, 1, H D]
-  int H, KV, D, S, P;
-};
-
-// Block reduction of one float (max or sum) over kAttnThreads threads.
-template <bool kMax>
-__device__ float block_reduce(float v, float* scratch) {
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) {
-    const float o = __shfl_xor_sync(0xffffffff, v, off);
-    v = kMax ? fmaxf(v, o) : v + o;
-  }
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  __syncthreads();  // scratch may still be read from a previous call
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = scratch[0];
-  for (int i = 1; i < kAttnThreads / 32; ++i) v = kMax ? fmaxf(v, scratch[i]) : v + scratch[i];
-  return v;
-}
-
+// One block per (head, sequence).
 template <typename T>
 __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs a) {
-  constexpr int E = 16 / sizeof(T);  // cache elements per 16-byte vector
-  extern __shared__ float smem[];    // scores [S], then partial outputs [rows, D]
-  __shared__ float q[kMaxHeadDim];
-  __shared__ float scratch[kAttnThreads / 32];
-  const int h = blockIdx.x, b = blockIdx.y, D = a.D, half = D / 2;
-  const int kvh = h / (a.H / a.KV);
+  extern __shared__ float smem[];  // see attend_smem_bytes
   allow_next_launch();
   wait_for_inputs();
-
-  const int64_t p = a.positions[b];
-  const T* row = static_cast<const T*>(a.qkv) + static_cast<int64_t>(b) * (a.H + 2 * a.KV) * D;
-  T* out = static_cast<T*>(a.out) + (static_cast<int64_t>(b) * a.H + h) * D;
-  if (p < 0 || p >= a.S || (a.cos && p >= a.P)) {  // the runtime never asks this; stay in bounds
-    for (int d = threadIdx.x; d < D; d += blockDim.x) out[d] = from_float<T>(0.f);
-    return;
-  }
-  const int64_t cache_off = (static_cast<int64_t>(b) * a.KV + kvh) * a.S * D;
-  T* kc = static_cast<T*>(a.k_cache) + cache_off;
-  T* vc = static_cast<T*>(a.v_cache) + cache_off;
-
-  // RoPE on q and on this token's k; k and v into their slot. Every block of a kv head writes
-  // the same values, so the duplicate writes are benign and each block then reads its own.
-  const T* qh = row + h * D;
-  const T* kh = row + (a.H + kvh) * D;
-  const T* vh = row + (a.H + a.KV + kvh) * D;
-  for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    const float q0 = to_float(qh[2 * i]), q1 = to_float(qh[2 * i + 1]);
-    const float k0 = to_float(kh[2 * i]), k1 = to_float(kh[2 * i + 1]);
-    if (a.cos) {
-      const float c = a.cos[p * half + i], s = a.sin[p * half + i];
-      q[2 * i] = round_to<T>(q0 * c - q1 * s);
-      q[2 * i + 1] = round_to<T>(q0 * s + q1 * c);
-      kc[p * D + 2 * i] = from_float<T>(k0 * c - k1 * s);
-      kc[p * D + 2 * i + 1] = from_float<T>(k0 * s + k1 * c);
-    } else {
-      q[2 * i] = q0;
-      q[2 * i + 1] = q1;
-      kc[p * D + 2 * i] = kh[2 * i];
-      kc[p * D + 2 * i + 1] = kh[2 * i + 1];
-    }
-  }
-  for (int d = threadIdx.x; d < D; d += blockDim.x) vc[p * D + d] = vh[d];
-  __syncthreads();
-
-  // Scores of slots 0..p, one slot per thread at a time; a row of K is read four 16-byte
-  // chunks at a time so that their loads are in flight together.
-  const float scale = rsqrtf(static_cast<float>(D));
-  float* scores = smem;
-  float local_max = -INFINITY;
-  for (int64_t j = threadIdx.x; j <= p; j += blockDim.x) {
-    const T* kj = kc + j * D;
-    float s = 0.f;
-    for (int d0 = 0; d0 < D; d0 += 4 * E) {
-      float kv[4][E];
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-        if (d0 + u * E < D) load_floats<T, E>(kj + d0 + u * E, kv[u]);
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-        if (d0 + u * E < D) {
-#pragma unroll
-          for (int e = 0; e < E; ++e) s += q[d0 + u * E + e] * kv[u][e];
-        }
-    }
-    s *= scale;
-    scores[j] = s;
-    local_max = fmaxf(local_max, s);
-  }
-  const float m = block_reduce<true>(local_max, scratch);
-  float local_sum = 0.f;
-  for (int64_t j = threadIdx.x; j <= p; j += blockDim.x) {
-    const float e = __expf(scores[j] - m);
-    scores[j] = e;
-    local_sum += e;
-  }
-  const float total = block_reduce<false>(local_sum, scratch);  // its __syncthreads publishes scores
-
-  // Weighted sum of values: thread = (slot group g, 16-byte column chunk c), the chunks of a
-  // row padded to a power of two (span) so that the groups within a warp sum by shuffles.
-  // Four slots per thread are loaded at once.
-  const int vecs = D / E;
-  int span = 1;
-  while (span < vecs) span *= 2;
-  const int groups = kAttnThreads / span, c = threadIdx.x % span, g = threadIdx.x / span;
-  float acc[E];
-#pragma unroll
-  for (int e = 0; e < E; ++e) acc[e] = 0.f;
-  if (c < vecs) {
-    int64_t j = g;
-    for (; j + 3 * groups <= p; j += 4 * groups) {
-      float vv[4][E];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) load_floats<T, E>(vc + (j + u * groups) * D + c * E, vv[u]);
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const float w = scores[j + u * groups];
-#pragma unroll
-        for (int e = 0; e < E; ++e) acc[e] += w * vv[u][e];
-      }
-    }
-    for (; j <= p; j += groups) {
-      float vv[E];
-      load_floats<T, E>(vc + j * D + c * E, vv);
-      const float w = scores[j];
-#pragma unroll
-      for (int e = 0; e < E; ++e) acc[e] += w * vv[e];
-    }
-  }
-  for (int off = span; off < 32; off *= 2)
-#pragma unroll
-    for (int e = 0; e < E; ++e) acc[e] += __shfl_xor_sync(0xffffffff, acc[e], off);
-  // One partial row per warp (per group when a group spans several warps).
-  const int per_row = span > 32 ? span : 32, rows = kAttnThreads / per_row;
-  float* partial = smem + a.S;  // [rows, D]
-  if (threadIdx.x % per_row < span && c < vecs)
-#pragma unroll
-    for (int e = 0; e < E; ++e) partial[(threadIdx.x / per_row) * D + c * E + e] = acc[e];
-  __syncthreads();
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float v = 0.f;
-    for (int i = 0; i < rows; ++i) v += partial[i * D + d];
-    out[d] = from_float<T>(v / total);
-  }
+  attend<T, kAttnThreads, WholeBlock>(a, blockIdx.x, blockIdx.y, smem);
 }
 
 at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, const OptTensor& cos,
@@ -922,7 +459,7 @@ at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, co
                 cos->is_contiguous() && sin->is_contiguous()));
   if (!fits) return attention_reference(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
   at::Tensor out = at::empty({B, 1, H * D}, qkv.options());
-  const size_t smem = (S + kAttnThreads / 32 * D) * sizeof(float);  // scores, partial sums
+  const size_t smem = attend_smem_bytes(S, D, kAttnThreads);
   AttnArgs a{qkv.const_data_ptr(), positions.const_data_ptr<int64_t>(),
              cos ? cos->const_data_ptr<float>() : nullptr,
              sin ? sin->const_data_ptr<float>() : nullptr, k_cache.mutable_data_ptr(),

@@ -361,6 +361,12 @@ void greedy_advance_reference(const at::Tensor& logits, const at::Tensor& token,
   history.scatter_(1, position, next);
 }
 
+at::Tensor decode_step_unfused(const at::Tensor& tokens, const at::Tensor&, at::TensorList,
+                               const c10::List<std::optional<at::Tensor>>&, const at::Tensor&,
+                               const at::Tensor&, at::Tensor&, at::Tensor&, int64_t, int64_t, double) {
+  return at::empty({0}, tokens.options().dtype(at::kFloat));
+}
+
 at::Tensor linear_reference(const at::Tensor& x, const at::Tensor& w, const OptTensor& scales,
                             const OptTensor& residual) {
   check_linear(x, w, scales, residual);
@@ -383,6 +389,9 @@ TORCH_LIBRARY(babyrt, m) {
   m.def("dequantize(Tensor weight, Tensor scales) -> Tensor");
   m.def("greedy_advance(Tensor logits, Tensor(a!) token, Tensor(b!) position, "
         "Tensor(c!) history) -> ()");
+  m.def("decode_step(Tensor tokens, Tensor positions, Tensor[] weights, Tensor?[] scales, "
+        "Tensor rope_cos, Tensor rope_sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int n_heads, "
+        "int n_kv_heads, float eps) -> Tensor");
   m.def("cpu_isa() -> str", [] { return std::string(babyrt::cpu::isa()); });
 }
 
@@ -395,6 +404,7 @@ TORCH_LIBRARY_IMPL(babyrt, CompositeExplicitAutograd, m) {
   m.impl("embedding", embedding_reference);
   m.impl("dequantize", dequantize);
   m.impl("greedy_advance", greedy_advance_reference);
+  m.impl("decode_step", decode_step_unfused);
 }
 
 TORCH_LIBRARY_IMPL(babyrt, CPU, m) {

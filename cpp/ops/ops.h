@@ -15,7 +15,16 @@
 //   dequantize(weight, scales)                          int8 W times its group scales, fp32
 //   greedy_advance(logits, token!, position!, history!)  a greedy decode step's bookkeeping:
 //        token = argmax(logits) per row, position += 1, history[b, position] = token
+//   decode_step(tokens, positions, weights, scales, rope_cos, rope_sin, k_cache!, v_cache!,
+//               n_heads, n_kv_heads, eps)
+//        a whole LLaMA decode step (one sequence, one token) in one kernel, fp32 logits
+//        [1, 1, V]; or an empty tensor where no such kernel covers the call (other devices,
+//        dtypes, shapes), and the caller runs the layers op by op. weights: the embedding,
+//        the final norm, the classifier, then per layer attention_norm, ffn_norm, wqkv, wo, w13,
+//        w2; scales: the embedding's, the classifier's, then per layer wqkv's .. w2's (None for
+//        float weights). FusedLlama (python/babyrt/fused_llama.py) builds the two lists.
 #pragma once
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 
 #include <optional>
@@ -38,6 +47,10 @@ at::Tensor attention_reference(const at::Tensor& qkv, const at::Tensor& position
 
 at::Tensor embedding_reference(const at::Tensor& tokens, const at::Tensor& w,
                                const OptTensor& scales, at::ScalarType dtype);
+at::Tensor decode_step_unfused(const at::Tensor& tokens, const at::Tensor& positions,
+                               at::TensorList weights, const c10::List<std::optional<at::Tensor>>& scales,
+                               const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
+                               at::Tensor& v_cache, int64_t H, int64_t KV, double eps);
 void greedy_advance_reference(const at::Tensor& logits, const at::Tensor& token,
                               const at::Tensor& position, const at::Tensor& history);
 

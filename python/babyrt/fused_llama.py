@@ -7,12 +7,16 @@ babyrt's fused ops (cpp/ops) so that a decode step is 5 op calls per layer inste
     h   = rmsnorm_linear(x, ffn_norm, W13)                  # gate and up in one GEMV
     x   = swiglu_linear(h, W2, residual=x)
 
+On CUDA, a decode step of one sequence is one op, decode_step: the whole step as one kernel
+(cpp/ops/cuda_decode_step.cu), where it covers the weights and shapes; elsewhere the layers run
+op by op as above.
+
 Weights are float, or int8 with scales (quantize.py). The artifact's calling convention is
 unchanged (docs/artifact-format.md); the parity tests hold it to the training model.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -59,7 +63,8 @@ class FusedLlama(nn.Module):
     def __init__(self, model, quant: Optional[QuantConfig] = None):
         super().__init__()
         c = model.cfg
-        self.n_layers, self.n_kv_heads, self.head_dim = c.n_layers, c.n_kv_heads, c.head_dim
+        self.n_layers, self.n_heads, self.n_kv_heads = c.n_layers, c.n_heads, c.n_kv_heads
+        self.head_dim = c.head_dim
         self.context_length, self.eps = c.context_length, float(c.norm_eps)
         self.layers = nn.ModuleList([FusedBlock(b, c, quant) for b in model.layers])
         self.norm = nn.Parameter(model.norm.weight.detach().clone(), requires_grad=False)
@@ -80,10 +85,32 @@ class FusedLlama(nn.Module):
     def export_metadata(self) -> dict:
         return dict(self._metadata)
 
+    def step_tensors(self) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]]]:
+        """The weights and scales lists of babyrt::decode_step (their order: cpp/ops/ops.h)."""
+        weights = [self.tok_embeddings.weight, self.norm, self.output.weight]
+        scales: List[Optional[torch.Tensor]] = []
+        scales.append(self.tok_embeddings.scales)  # one at a time: TorchScript types None apart
+        scales.append(self.output.scales)
+        for layer in self.layers:
+            weights.extend([layer.attention_norm, layer.ffn_norm, layer.wqkv.weight,
+                            layer.wo.weight, layer.w13.weight, layer.w2.weight])
+            for w in (layer.wqkv, layer.wo, layer.w13, layer.w2):
+                scales.append(w.scales)
+        return weights, scales
+
     def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 k_cache: Optional[torch.Tensor] = None,
                 v_cache: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T = tokens.shape[0], tokens.shape[1]
+        if (tokens.is_cuda and B == 1 and T == 1 and positions is not None and k_cache is not None
+                and v_cache is not None and k_cache.numel() > 0):
+            # A decode step as one kernel where one covers it (empty logits: it does not).
+            weights, scales = self.step_tensors()
+            logits = torch.ops.babyrt.decode_step(tokens, positions, weights, scales, self.rope_cos,
+                                                  self.rope_sin, k_cache, v_cache, self.n_heads,
+                                                  self.n_kv_heads, self.eps)
+            if logits.numel() > 0:
+                return logits
         if positions is None:
             positions = torch.arange(T, device=tokens.device).unsqueeze(0).expand(B, T)
         x = torch.ops.babyrt.embedding(tokens, self.tok_embeddings.weight,
