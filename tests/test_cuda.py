@@ -154,7 +154,7 @@ def _step_model(case: str, dtype: torch.dtype):
     from babyrt.quantize import QuantConfig
     from babyrt.training.models.llama import Llama, LlamaConfig
     torch.manual_seed(0)
-    shape = dict(vocab_size=320, dim=128, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=352,
+    shape = dict(vocab_size=320, dim=128, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=384,
                  context_length=64, tie_embeddings=True)
     if case == "mha-untied":
         shape.update(n_kv_heads=4, tie_embeddings=False)
@@ -182,9 +182,11 @@ def _op_by_op(m, tok, pos, kc, vc):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", ["float", "mha-untied", "int8", "int8-g32-bf16-float-classifier",
                                   "int8-g64-untied"])
-def test_cuda_decode_step_matches_op_by_op(case, dtype):
-    """babyrt::decode_step (the whole step as one kernel) against the same step op by op: the
-    logits and the KV cache it writes, over 40 steps that run past several ring refills."""
+def test_cuda_decode_step_matches_op_by_op(case, dtype, monkeypatch):
+    """babyrt::decode_step (the whole step as one kernel, opt-in with BABYRT_DECODE_STEP=1)
+    against the same step op by op: the logits and the KV cache it writes, over 40 steps that
+    run past several ring refills."""
+    monkeypatch.setenv("BABYRT_DECODE_STEP", "1")
     m = _step_model(case, dtype)
     L, KV, S, D = m.n_layers, m.n_kv_heads, m.context_length, m.head_dim
     kc = torch.zeros(L, 1, KV, S, D, device="cuda", dtype=dtype)
@@ -213,8 +215,10 @@ def test_cuda_decode_step_matches_op_by_op(case, dtype):
     assert torch.equal(m(tok, pos, k2, v2), direct)
 
 
-def test_cuda_decode_step_declines_what_it_does_not_cover():
-    """fp32 weights, a batch of two: an empty result, and FusedLlama runs the layers op by op."""
+def test_cuda_decode_step_declines_what_it_does_not_cover(monkeypatch):
+    """fp32 weights: an empty result, and FusedLlama runs the layers op by op. So does every
+    model without BABYRT_DECODE_STEP=1."""
+    monkeypatch.setenv("BABYRT_DECODE_STEP", "1")
     m = _step_model("float", torch.float32)
     weights, scales = m.step_tensors()
     kc = torch.zeros(m.n_layers, 1, m.n_kv_heads, m.context_length, m.head_dim, device="cuda")
@@ -223,11 +227,19 @@ def test_cuda_decode_step_declines_what_it_does_not_cover():
                                        kc.clone(), m.n_heads, m.n_kv_heads, m.eps)
     assert out.numel() == 0
     assert m(tok, pos, kc, kc.clone()).shape == (1, 1, 320)
+    m = _step_model("float", torch.bfloat16)
+    weights, scales = m.step_tensors()
+    kc = kc.to(torch.bfloat16)
+    args = (tok, pos, weights, scales, m.rope_cos, m.rope_sin, kc, kc.clone(), m.n_heads,
+            m.n_kv_heads, m.eps)
+    assert torch.ops.babyrt.decode_step(*args).numel() > 0
+    monkeypatch.setenv("BABYRT_DECODE_STEP", "0")
+    assert torch.ops.babyrt.decode_step(*args).numel() == 0
 
 
 def test_cuda_generation_with_and_without_the_one_kernel_step(trained_artifact):
     """Greedy bf16 generation through graphs of one-kernel steps equals the op-by-op steps'
-    (BABYRT_DECODE_STEP=0, read once per process, hence the subprocess)."""
+    (a subprocess each: a fresh process captures its own graphs)."""
     import os
     import subprocess
     import sys

@@ -34,6 +34,7 @@ namespace {
 constexpr int kStepWarps = 16;                       // consumer warps
 constexpr int kStepThreads = (kStepWarps + 1) * 32;  // and one producer warp
 constexpr int kStepMaxLayers = 64;                   // the layers' pointers travel as kernel arguments
+constexpr int kMaxSlice = 128;                       // rows of h a block keeps (dim <= 128 x SMs)
 using StepBlock = Consumers<kStepWarps * 32>;
 
 // The matrices of a step, in the order the producer streams them within a layer (kOut last).
@@ -63,7 +64,7 @@ struct StepArgs {
   void* attn;               // [H D]
   void* gu;                 // [2 hidden]: gate, then up
   float* logits;            // [V]
-  unsigned* sync;           // the grid barrier: arrivals, generation
+  unsigned long long* arrivals;  // the grid barrier's counter (see grid_sync)
   int64_t emb_rows;
   float eps;
   int L, dim, hidden, H, KV, D, S, P, V;
@@ -71,6 +72,8 @@ struct StepArgs {
   int emb_groups;                    // scales per row of an int8 embedding table
   bool emb_q8, emb_scales_bf16, out_q8;
   int slots, ring_offset;            // the ring: slots pieces from ring_offset in shared memory
+  int debug;  // BABYRT_STEP_DEBUG: 1 no barriers, 2 no GEMV math, 4 no attention, 8 poll backoff
+  unsigned long long* trace;         // BABYRT_STEP_TRACE=1: per block, the time at each mark
   int row_lanes[kMatrices];          // lanes per row in each matrix's GEMV (32, 16 or 8)
   StepLayer layer[kStepMaxLayers];
 };
@@ -91,28 +94,51 @@ __host__ __device__ inline int slice_start(int64_t N, int b, int blocks) {
   return static_cast<int>(N * b / blocks);
 }
 
-// Grid-wide barrier for the consumer warps of every block (all blocks are resident: one per
-// SM, as many as SMs). Self-resetting: the last block to arrive zeroes the arrivals, then bumps
-// the generation the others wait on, so the counters need zeroing only once.
-__device__ __forceinline__ void grid_sync(unsigned* sync) {
-  StepBlock::sync();  // the block's writes of this phase are done
-  if (threadIdx.x == 0) {
-    unsigned* arrived = sync;
-    volatile unsigned* generation = sync + 1;
-    const unsigned gen = *generation;  // cannot move before every block (this one too) arrives
-    __threadfence();                   // publish the block's writes before arriving
-    if (atomicAdd(arrived, 1u) == gridDim.x - 1) {
-      atomicExch(arrived, 0u);
-      __threadfence();
-      atomicAdd(sync + 1, 1u);
-    } else {
-      while (*generation == gen) {
+// The grid barriers of a step: one 64-bit counter that only grows. Each block adds one per
+// barrier (a release: the block's writes before it are visible to whoever acquires the count)
+// and waits until the count reaches its target (an acquire). A launch adds exactly
+// barriers x blocks, so the count at a launch's start, rounded down to a multiple of that, is
+// the base of its targets: no block can be a whole barrier ahead of the one reading it. All
+// blocks are resident at once (one per SM, as many as SMs), so every one arrives.
+__device__ __forceinline__ unsigned long long globaltimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+
+// BABYRT_STEP_TRACE: where the marks of a step go (kTraceMarks per block), read back with
+// babyrt::decode_step_trace (benchmarks/decode_step_trace.py).
+constexpr int kTraceMarks = 256;
+
+struct GridSync {
+  unsigned long long* count;
+  unsigned long long target;  // thread 0's
+
+  __device__ GridSync(unsigned long long* c, int barriers) : count(c), target(0) {
+    if (threadIdx.x == 0) {
+      unsigned long long v;
+      asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(count) : "memory");
+      const unsigned long long per_launch = static_cast<unsigned long long>(barriers) * gridDim.x;
+      target = v / per_launch * per_launch;
+    }
+  }
+  __device__ __forceinline__ void operator()(bool skip, bool backoff, unsigned long long* trace) {
+    StepBlock::sync();  // the block's writes of this phase are done
+    if (threadIdx.x == 0) {
+      if (trace) *trace = globaltimer();
+      target += gridDim.x;
+      asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(count) : "memory");
+      unsigned long long v = target;
+      if (!skip) {
+        do {
+          asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(count) : "memory");
+          if (v < target && backoff) __nanosleep(32);
+        } while (v < target);
       }
     }
-    __threadfence();
+    StepBlock::sync();
   }
-  StepBlock::sync();
-}
+};
 
 __device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes) {
   const char* c = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t{127});
@@ -130,9 +156,11 @@ struct StepRing {
 // The consumers' side of one GEMV phase: act(x) staged, then this block's rows read from the
 // ring, whose pieces base, base + 1, ... hold them (advanced past them on return). The row
 // walk, release order and no-deadlock argument are gemv_stream_kernel's (cuda_kernels.cu).
+// With a residual (h += W x), the block's rows of h come from and go to h_slice in shared
+// memory as well as to global h: no round trip to L2 for them.
 template <typename T, typename W, typename S, Act kAct>
 __device__ void step_gemv(const GemvArgs& a, int row_lanes, const StepRing& ring, int64_t& base,
-                          unsigned char* work) {
+                          unsigned char* work, float* h_slice, bool no_math) {
   constexpr int E = 16 / sizeof(W);
   constexpr bool kQ8 = sizeof(W) == 1;
   stage_activations<T, W, kAct, StepBlock>(a, work);
@@ -169,7 +197,7 @@ __device__ void step_gemv(const GemvArgs& a, int row_lanes, const StepRing& ring
       const S* row_scales = kQ8 ? static_cast<const S*>(a.scales) + static_cast<int64_t>(r0 + r) * groups
                                 : nullptr;
       const float row_scale = kQ8 ? to_float(__ldg(row_scales)) : 1.f;
-      for (int c = col; c < chunks; c += L) {
+      for (int c = col; c < chunks && !no_math; c += L) {
         const int4 wv = ring.chunks[pos];
         const float ws = !kQ8 ? 1.f : groups == 1 ? row_scale : to_float(__ldg(row_scales + c * E / a.group));
         acc += chunk_dot<T, W>(wv, ws, work, 1, a.K, 0, c);
@@ -178,7 +206,15 @@ __device__ void step_gemv(const GemvArgs& a, int row_lanes, const StepRing& ring
       }
     }
     for (int off = L / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffff, acc, off);
-    if (col == 0 && r < rows) store_output<T, true>(a, 0, r0 + r, acc);
+    if (col == 0 && r < rows) {
+      if (a.residual) {  // as store_output, with the residual from h_slice
+        const T y = from_float<T>(round_to<T>(acc) + h_slice[r]);
+        h_slice[r] = to_float(y);
+        static_cast<T*>(a.y)[r0 + r] = y;
+      } else {
+        store_output<T, true>(a, 0, r0 + r, acc);
+      }
+    }
   }
   release_below(pieces);
   base += pieces;
@@ -187,6 +223,7 @@ __device__ void step_gemv(const GemvArgs& a, int row_lanes, const StepRing& ring
 template <typename T, typename W, typename S>
 __global__ void __launch_bounds__(kStepThreads, 1) decode_step_kernel(const __grid_constant__ StepArgs a) {
   extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ float h_slice[kMaxSlice];  // this block's rows of h (embedding, wo and w2 rows)
   unsigned char* work = smem;  // act(x) of a GEMV phase, or attention's scores
   StepRing ring{reinterpret_cast<const int4*>(smem + a.ring_offset),
                 reinterpret_cast<uint64_t*>(smem + a.ring_offset + static_cast<size_t>(a.slots) * kPieceBytes),
@@ -240,7 +277,23 @@ __global__ void __launch_bounds__(kStepThreads, 1) decode_step_kernel(const __gr
     return;
   }
 
+  int marks = 0;  // trace: start, inputs ready, then per barrier: arrived, passed; end
+  unsigned long long* trace = a.trace ? a.trace + blockIdx.x * kTraceMarks : nullptr;
+  auto mark = [&]() -> unsigned long long* {
+    unsigned long long* m = trace && marks < kTraceMarks ? trace + marks : nullptr;
+    ++marks;
+    return m;
+  };
+  if (unsigned long long* m = mark(); m && threadIdx.x == 0) *m = globaltimer();
   wait_for_inputs();  // the token and position come from the previous kernel
+  if (unsigned long long* m = mark(); m && threadIdx.x == 0) *m = globaltimer();
+  GridSync grid_sync(a.arrivals, 1 + 5 * a.L);
+  const bool no_sync = a.debug & 1;
+  auto sync = [&] {
+    unsigned long long* arrived = mark();
+    grid_sync(no_sync, a.debug & 8, arrived);
+    if (unsigned long long* m = mark(); m && threadIdx.x == 0) *m = globaltimer();
+  };
   // h = the token's embedding row (dequantized for an int8 table), this block's slice of it.
   {
     const int64_t id = *a.token;
@@ -258,10 +311,12 @@ __global__ void __launch_bounds__(kStepThreads, 1) decode_step_kernel(const __gr
       } else {
         v = to_float(static_cast<const T*>(a.emb)[row + i]);
       }
-      static_cast<T*>(a.h)[i] = from_float<T>(ok ? v : 0.f);
+      const T y = from_float<T>(ok ? v : 0.f);
+      static_cast<T*>(a.h)[i] = y;
+      h_slice[i - slice_start(a.dim, blockIdx.x, gridDim.x)] = to_float(y);
     }
   }
-  grid_sync(a.sync);
+  sync();
 
   int64_t base = 0;  // the ring piece the next matrix starts at
   auto gemv_args = [&](int l, int m, const void* x, const void* norm, void* residual_and_y, void* y) {
@@ -284,43 +339,66 @@ __global__ void __launch_bounds__(kStepThreads, 1) decode_step_kernel(const __gr
   for (int l = 0; l < a.L; ++l) {
     const StepLayer& ly = a.layer[l];
     step_gemv<T, W, S, Act::kRmsNorm>(gemv_args(l, kQkv, a.h, ly.attn_norm, nullptr, a.qkv),
-                                      a.row_lanes[kQkv], ring, base, work);
-    grid_sync(a.sync);
+                                      a.row_lanes[kQkv], ring, base, work, h_slice, a.debug & 2);
+    sync();
     const AttnArgs at{a.qkv, a.position, a.cos, a.sin,
                       static_cast<T*>(a.k_cache) + l * layer_cache,
                       static_cast<T*>(a.v_cache) + l * layer_cache, a.attn, a.H, a.KV, a.D, a.S, a.P};
-    for (int h = blockIdx.x; h < a.H; h += gridDim.x)
+    for (int h = blockIdx.x; h < a.H && !(a.debug & 4); h += gridDim.x)
       attend<T, kStepWarps * 32, StepBlock>(at, h, 0, reinterpret_cast<float*>(work));
-    grid_sync(a.sync);
+    sync();
     step_gemv<T, W, S, Act::kNone>(gemv_args(l, kWo, a.attn, nullptr, a.h, nullptr),
-                                   a.row_lanes[kWo], ring, base, work);
-    grid_sync(a.sync);
+                                   a.row_lanes[kWo], ring, base, work, h_slice, a.debug & 2);
+    sync();
     step_gemv<T, W, S, Act::kRmsNorm>(gemv_args(l, kW13, a.h, ly.ffn_norm, nullptr, a.gu),
-                                      a.row_lanes[kW13], ring, base, work);
-    grid_sync(a.sync);
+                                      a.row_lanes[kW13], ring, base, work, h_slice, a.debug & 2);
+    sync();
     step_gemv<T, W, S, Act::kSwiGlu>(gemv_args(l, kW2, a.gu, nullptr, a.h, nullptr),
-                                     a.row_lanes[kW2], ring, base, work);
-    grid_sync(a.sync);
+                                     a.row_lanes[kW2], ring, base, work, h_slice, a.debug & 2);
+    sync();
   }
   allow_next_launch();  // the sampler's blocks may take their places as these finish
   const GemvArgs out = gemv_args(0, kOut, a.h, a.final_norm, nullptr, a.logits);
   if (a.out_q8)
-    step_gemv<T, W, S, Act::kRmsNorm>(out, a.row_lanes[kOut], ring, base, work);
+    step_gemv<T, W, S, Act::kRmsNorm>(out, a.row_lanes[kOut], ring, base, work, h_slice, a.debug & 2);
   else
-    step_gemv<T, T, float, Act::kRmsNorm>(out, a.row_lanes[kOut], ring, base, work);
+    step_gemv<T, T, float, Act::kRmsNorm>(out, a.row_lanes[kOut], ring, base, work, h_slice, a.debug & 2);
+  if (unsigned long long* m = mark(); m && threadIdx.x == 0) *m = globaltimer();
 }
 
-// The grid barrier's counters for a step that works on this KV cache: zeroed once, then kept
-// zeroed by the barrier itself. Keyed by the cache, so that two steps that could run at once
-// (two generations, each with its own cache) never share them.
-unsigned* step_counters(const at::Tensor& k_cache) {
+// The grid barrier's counter for steps that work on this KV cache, zeroed once. Keyed by the
+// cache, so that two steps that could run at once (two generations, each with its own cache)
+// never share one, and steps that share one run one after another with the same barriers.
+unsigned long long* step_counter(const at::Tensor& k_cache) {
   static std::mutex mutex;
   static std::unordered_map<const void*, at::Tensor> counters;
   const std::lock_guard<std::mutex> lock(mutex);
   at::Tensor& c = counters[k_cache.const_data_ptr()];
   if (!c.defined() || c.device() != k_cache.device())
-    c = at::zeros({2}, k_cache.options().dtype(at::kInt));
-  return reinterpret_cast<unsigned*>(c.mutable_data_ptr<int>());
+    c = at::zeros({16}, k_cache.options().dtype(at::kLong));  // a 128-byte line of its own
+  return reinterpret_cast<unsigned long long*>(c.mutable_data_ptr<int64_t>());
+}
+
+// The trace buffer (BABYRT_STEP_TRACE=1; null otherwise): kTraceMarks times per block of the
+// last step, in ns.
+unsigned long long* step_trace(const at::Device& device) {
+  static const bool on = std::getenv("BABYRT_STEP_TRACE") != nullptr;
+  static at::Tensor buffer;
+  if (!on) return nullptr;
+  if (!buffer.defined()) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
+    buffer = at::zeros({sms, kTraceMarks}, at::TensorOptions().device(device).dtype(at::kLong));
+  }
+  return reinterpret_cast<unsigned long long*>(buffer.mutable_data_ptr<int64_t>());
+}
+
+at::Tensor decode_step_trace() {
+  unsigned long long* t = step_trace(at::Device(at::kCUDA, 0));
+  if (!t) return at::empty({0}, at::kLong);
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  return at::from_blob(t, {sms, kTraceMarks}, at::TensorOptions().device(at::kCUDA).dtype(at::kLong)).clone();
 }
 
 struct StepDevice {
@@ -352,6 +430,7 @@ bool launch_decode_step(StepArgs& a) {
   const StepDevice& dev = step_device<T, W, S>();
   if (!dev.hopper) return false;
   const int blocks = dev.sms;
+  if ((a.dim + blocks - 1) / blocks > kMaxSlice) return false;
   auto up = [](size_t v) { return (v + 127) / 128 * 128; };
   size_t work = attend_smem_bytes(a.S, a.D, kStepWarps * 32);
   int min_slots = 1;
@@ -404,10 +483,10 @@ at::Tensor decode_step_cuda(const at::Tensor& tokens, const at::Tensor& position
                             at::TensorList weights, const c10::List<std::optional<at::Tensor>>& scales,
                             const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
                             at::Tensor& v_cache, int64_t H, int64_t KV, double eps) {
-  static const bool enabled = [] {
-    const char* v = std::getenv("BABYRT_DECODE_STEP");
-    return !(v && std::strcmp(v, "0") == 0);
-  }();
+  // Opt-in (BABYRT_DECODE_STEP=1), read per call: not yet faster than the op-by-op kernels
+  // (docs/cuda-decode.md).
+  const char* flag = std::getenv("BABYRT_DECODE_STEP");
+  const bool enabled = flag && std::strcmp(flag, "1") == 0;
   const at::Tensor none = at::empty({0}, tokens.options().dtype(at::kFloat));
   const int64_t L = (static_cast<int64_t>(weights.size()) - 3) / 6;
   if (!enabled || L < 1 || L > kStepMaxLayers || weights.size() != static_cast<size_t>(3 + 6 * L) ||
@@ -496,7 +575,13 @@ at::Tensor decode_step_cuda(const at::Tensor& tokens, const at::Tensor& position
   a.attn = attn.mutable_data_ptr();
   a.gu = gu.mutable_data_ptr();
   a.logits = logits.mutable_data_ptr<float>();
-  a.sync = step_counters(k_cache);
+  a.arrivals = step_counter(k_cache);
+  static const int debug = [] {
+    const char* v = std::getenv("BABYRT_STEP_DEBUG");
+    return v ? std::atoi(v) : 0;
+  }();
+  a.debug = debug;
+  a.trace = step_trace(tokens.device());
   a.emb_rows = emb.size(0);
   a.eps = static_cast<float>(eps);
   a.L = static_cast<int>(L), a.dim = static_cast<int>(dim), a.hidden = static_cast<int>(hidden);
@@ -522,3 +607,6 @@ at::Tensor decode_step_cuda(const at::Tensor& tokens, const at::Tensor& position
 }  // namespace babyrt::ops
 
 TORCH_LIBRARY_IMPL(babyrt, CUDA, m) { m.impl("decode_step", babyrt::ops::decode_step_cuda); }
+
+// The marks of the last step with BABYRT_STEP_TRACE=1 ([blocks, 256] ns; empty without it).
+TORCH_LIBRARY_FRAGMENT(babyrt, m) { m.def("decode_step_trace", babyrt::ops::decode_step_trace); }

@@ -128,6 +128,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
 constexpr int kStreamWarps = 16;                          // consumer warps
 constexpr int kStreamThreads = (kStreamWarps + 1) * 32;  // and one producer warp
 constexpr int64_t kStreamMinBytes = 2 << 20;  // smaller matrices: gemv_kernel's lower fixed cost
+constexpr int kNeighbourBytes = 40 << 10;     // shared memory a streamed block leaves on its SM
 
 // Where the streamed GEMV keeps what in its dynamic shared memory (byte offsets), for a block
 // of at most rows_max rows; the same on the host (sizing) and on the device.
@@ -270,8 +271,11 @@ bool launch_gemv_stream(GemvArgs& a) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     cudaFuncAttributes attr;
     C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-    // Room for this block and one of the next kernel, less 1 KB per block the driver keeps.
-    const int budget = optin / 2 - static_cast<int>(attr.sharedSizeBytes) - 1024;
+    // More than half an SM's shared memory, so that two of these blocks never share an SM
+    // (a neighbouring kernel holding some SMs could otherwise get two slices put on one), and
+    // less than all of it, leaving kNeighbourBytes for other kernels' blocks (the per-warp
+    // GEMV's staged x, attention's scores) and the 1 KB per block the driver keeps.
+    const int budget = optin - static_cast<int>(attr.sharedSizeBytes) - kNeighbourBytes;
     if (budget > 0)
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, budget));
     return Info{attr.binaryVersion >= 90, sms, budget};
