@@ -1,9 +1,10 @@
 """Where the time of a one-kernel decode step (babyrt::decode_step) goes, phase by phase.
 
 Run on the GPU machine: BABYRT_STEP_TRACE=1 python benchmarks/decode_step_trace.py --shape stories15M
-The kernel records, per block, the time at its start, when its inputs are ready, and before and
-after each grid barrier. Per phase this prints the work (the slowest block's arrival at the
-barrier, from the previous barrier's release) and the wait (release minus that arrival).
+The kernel records, per block, the time at its start, when its inputs are ready, after each
+GEMV phase's staging of x and its rows, and before and after each grid barrier. Each mark is
+taken at the slowest block; per phase this prints the differences: stage (x staged), rows (the
+block's rows done), tail (pieces released, block synced), barrier (the wait for every block).
 """
 import argparse
 import os
@@ -38,31 +39,35 @@ def main() -> None:
     torch.cuda.synchronize()
     assert out.numel() > 0, "decode_step did not cover this model"
     t = torch.ops.babyrt.decode_step_trace().double()
-    t0 = t[:, 0].min()
-    t = (t - t0) / 1e3  # us from the first block's start
-    n_barriers = 1 + 5 * m.n_layers
-    names = ["embedding"] + [f"L{i} {n}" for i in range(m.n_layers)
-                             for n in ("qkv", "attention", "wo", "w13", "w2")]
-    print(f"{a.shape} {a.quantize or 'bf16'}: blocks start {t[:, 0].min():.2f}-{t[:, 0].max():.2f} us, "
-          f"inputs ready by {t[:, 1].max():.2f} us")
-    prev = t[:, 1].max()
-    work_total = wait_total = 0.0
-    for b in range(n_barriers):
-        i = 2 + 2 * b
-        if i + 1 >= t.shape[1]:
-            break
-        arrived, passed = t[:, i].max(), t[:, i + 1].max()
-        work, wait = arrived - prev, passed - arrived
-        work_total += work
-        wait_total += wait
-        if b < 12 or b == n_barriers - 1:
-            print(f"{names[b]:>14}: work {work:6.2f} us  barrier {wait:5.2f} us")
-        prev = passed
-    end = 2 + 2 * n_barriers
-    if end < t.shape[1]:
-        print(f"{'classifier':>14}: {t[:, end].max() - prev:6.2f} us; kernel end {t[:, end].max():.2f} us")
-    print(f"total work {work_total:.1f} us, barriers {wait_total:.1f} us over {n_barriers}")
-
+    t = (t - t[:, 0].min()) / 1e3  # us from the first block's start
+    last = t.max(0).values  # each mark at the slowest block
+    print(f"{a.shape} {a.quantize or 'bf16'}: blocks start {t[:, 0].min():.2f}-{t[:, 0].max():.2f} us,"
+          f" inputs ready by {last[1]:.2f} us")
+    # The marks, in the kernel's order: per GEMV phase staged and rows done, then per barrier
+    # arrived and passed (cpp/ops/cuda_decode_step.cu).
+    phases = [("embedding", False)] + [(f"L{i} {n}", n != "attention") for i in range(m.n_layers)
+                                       for n in ("qkv", "attention", "wo", "w13", "w2")]
+    i, prev = 2, last[1]
+    totals = {}
+    for n, (name, gemv) in enumerate(phases):
+        parts = {}
+        if gemv:
+            parts["stage"], parts["rows"] = last[i] - prev, last[i + 1] - last[i]
+            prev, i = last[i + 1], i + 2
+        parts["work" if not gemv else "tail"] = last[i] - prev
+        parts["barrier"] = last[i + 1] - last[i]
+        prev, i = last[i + 1], i + 2
+        kind = name.split()[-1]
+        for k, v in parts.items():
+            totals[(kind, k)] = totals.get((kind, k), 0.0) + float(v)
+        if n < 11:
+            print(f"{name:>14}: " + "  ".join(f"{k} {v:5.2f}" for k, v in parts.items()))
+    stage, rows, end = last[i] - prev, last[i + 1] - last[i], last[i + 2]
+    print(f"{'classifier':>14}: stage {stage:5.2f}  rows {rows:5.2f}  end {end - last[i + 1]:5.2f};"
+          f" kernel end {end:.2f} us")
+    print("totals over the step (us):")
+    for kind in ("embedding", "qkv", "attention", "wo", "w13", "w2"):
+        print(f"{kind:>14}: " + "  ".join(f"{k} {v:6.1f}" for (kd, k), v in totals.items() if kd == kind))
 
 if __name__ == "__main__":
     main()

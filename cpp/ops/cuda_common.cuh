@@ -185,6 +185,33 @@ __host__ __device__ constexpr size_t gemv_smem_bytes(int M, int K) {
                         : static_cast<size_t>(M) * K * sizeof(T);
 }
 
+// Group i (16 values v of act(x)) into the GEMV's shared memory (see gemv_smem_bytes): int8
+// with a scale for int8 weights, else as T.
+template <typename T, typename W>
+__device__ __forceinline__ void store_staged(unsigned char* smem, int i, int M, int K, const float (&v)[16]) {
+  constexpr int E = 16 / sizeof(T);
+  if constexpr (sizeof(W) == 1) {
+    // Symmetric int8 with one scale per 16 values: the rounding error of a value is at most
+    // half a step, max|group| / 254.
+    float amax = 0.f;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) amax = fmaxf(amax, fabsf(v[j]));
+    const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    alignas(16) int8_t q[16];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) q[j] = static_cast<int8_t>(__float2int_rn(v[j] * inv));
+    reinterpret_cast<int4*>(smem)[i] = *reinterpret_cast<const int4*>(q);
+    reinterpret_cast<float*>(smem + static_cast<size_t>(M) * K)[i] = scale;
+  } else {
+    alignas(16) T t[16];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) t[j] = from_float<T>(v[j]);
+#pragma unroll
+    for (int h = 0; h < 16; h += E)
+      reinterpret_cast<int4*>(smem)[(i * 16 + h) / E] = *reinterpret_cast<const int4*>(t + h);
+  }
+}
+
 // The first pass of the GEMV: act(x) for all M rows, computed once per block (not once per
 // output row) into shared memory. Roundings follow the references.
 template <typename T, typename W, Act kAct, typename Block = WholeBlock>
@@ -242,26 +269,7 @@ __device__ __forceinline__ void stage_activations(const GemvArgs& a, unsigned ch
 #pragma unroll
       for (int j = 0; j < E; ++j) v[h + j] = part[j];
     }
-    if constexpr (kQ8) {
-      // Symmetric int8 with one scale per 16 values: the rounding error of a value is at most
-      // half a step, max|group| / 254.
-      float amax = 0.f;
-#pragma unroll
-      for (int j = 0; j < 16; ++j) amax = fmaxf(amax, fabsf(v[j]));
-      const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      alignas(16) int8_t q[16];
-#pragma unroll
-      for (int j = 0; j < 16; ++j) q[j] = static_cast<int8_t>(__float2int_rn(v[j] * inv));
-      reinterpret_cast<int4*>(smem)[i] = *reinterpret_cast<const int4*>(q);
-      reinterpret_cast<float*>(smem + static_cast<size_t>(a.M) * a.K)[i] = scale;
-    } else {
-      alignas(16) T t[16];
-#pragma unroll
-      for (int j = 0; j < 16; ++j) t[j] = from_float<T>(v[j]);
-#pragma unroll
-      for (int h = 0; h < 16; h += E)
-        reinterpret_cast<int4*>(smem)[(i * 16 + h) / E] = *reinterpret_cast<const int4*>(t + h);
-    }
+    store_staged<T, W>(smem, i, a.M, a.K, v);
   }
   Block::sync();
 }

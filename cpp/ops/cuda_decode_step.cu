@@ -108,7 +108,7 @@ __device__ __forceinline__ unsigned long long globaltimer() {
 
 // BABYRT_STEP_TRACE: where the marks of a step go (kTraceMarks per block), read back with
 // babyrt::decode_step_trace (benchmarks/decode_step_trace.py).
-constexpr int kTraceMarks = 256;
+constexpr int kTraceMarks = 512;
 
 struct GridSync {
   unsigned long long* count;
@@ -146,6 +146,46 @@ __device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes) {
   for (; c < end; c += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(c));
 }
 
+// RMSNorm staging for the step's one row of x, K <= 16 x the consumer threads: each thread
+// loads its 16 values of x and of the norm weights at once and keeps them while the block sums
+// the squares, so that staging costs one round trip to L2 (stage_activations takes two).
+template <typename T, typename W>
+__device__ void stage_rmsnorm_row(const GemvArgs& a, unsigned char* smem) {
+  constexpr int kVecs = 16 * sizeof(T) / 16;  // 16-byte vectors per group of 16 values
+  __shared__ float partial[kStepWarps];
+  const int i = threadIdx.x, lane = threadIdx.x % 32;
+  const bool has = i < a.K / 16;
+  int4 xr[kVecs], gr[kVecs];
+  float ss = 0.f;
+  if (has) {
+#pragma unroll
+    for (int h = 0; h < kVecs; ++h) {
+      xr[h] = __ldcg(reinterpret_cast<const int4*>(static_cast<const T*>(a.x) + i * 16) + h);
+      gr[h] = reinterpret_cast<const int4*>(static_cast<const T*>(a.norm) + i * 16)[h];
+    }
+    const T* xv = reinterpret_cast<const T*>(xr);
+#pragma unroll
+    for (int j = 0; j < 16; ++j) ss += to_float(xv[j]) * to_float(xv[j]);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) ss += __shfl_xor_sync(0xffffffff, ss, off);
+  if (lane == 0) partial[threadIdx.x / 32] = ss;
+  StepBlock::sync();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kStepWarps; ++w) total += partial[w];
+  const float inv_rms = rsqrtf(total / a.K + a.eps);
+  if (has) {
+    const T* xv = reinterpret_cast<const T*>(xr);
+    const T* g = reinterpret_cast<const T*>(gr);
+    float v[16];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) v[j] = round_to<T>(round_to<T>(to_float(xv[j]) * inv_rms) * to_float(g[j]));
+    store_staged<T, W>(smem, i, 1, a.K, v);
+  }
+  StepBlock::sync();  // staged; and partial may be written again
+}
+
 struct StepRing {
   const int4* chunks;  // slots * kPieceChunks 16-byte chunks
   uint64_t* full;      // per slot: its piece has landed
@@ -158,12 +198,16 @@ struct StepRing {
 // walk, release order and no-deadlock argument are gemv_stream_kernel's (cuda_kernels.cu).
 // With a residual (h += W x), the block's rows of h come from and go to h_slice in shared
 // memory as well as to global h: no round trip to L2 for them.
-template <typename T, typename W, typename S, Act kAct>
+template <typename T, typename W, typename S, Act kAct, typename Mark>
 __device__ void step_gemv(const GemvArgs& a, int row_lanes, const StepRing& ring, int64_t& base,
-                          unsigned char* work, float* h_slice, bool no_math) {
+                          unsigned char* work, float* h_slice, bool no_math, Mark&& mark) {
   constexpr int E = 16 / sizeof(W);
   constexpr bool kQ8 = sizeof(W) == 1;
-  stage_activations<T, W, kAct, StepBlock>(a, work);
+  if (kAct == Act::kRmsNorm && a.K <= 16 * kStepWarps * 32)
+    stage_rmsnorm_row<T, W>(a, work);
+  else
+    stage_activations<T, W, kAct, StepBlock>(a, work);
+  mark(false);  // staged
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int chunks = a.K / E, slots = ring.slots;
   const int r0 = slice_start(a.N, blockIdx.x, gridDim.x);
@@ -216,6 +260,7 @@ __device__ void step_gemv(const GemvArgs& a, int row_lanes, const StepRing& ring
       }
     }
   }
+  mark(true);  // rows done (every warp's: a sync first when tracing)
   release_below(pieces);
   base += pieces;
 }
@@ -277,22 +322,28 @@ __global__ void __launch_bounds__(kStepThreads, 1) decode_step_kernel(const __gr
     return;
   }
 
-  int marks = 0;  // trace: start, inputs ready, then per barrier: arrived, passed; end
+  // Trace marks: start, inputs ready; per GEMV phase staged, rows done; per barrier arrived,
+  // passed; the end. The trace stays off (one branch per mark) unless BABYRT_STEP_TRACE is set.
+  int marks = 0;
   unsigned long long* trace = a.trace ? a.trace + blockIdx.x * kTraceMarks : nullptr;
   auto mark = [&]() -> unsigned long long* {
     unsigned long long* m = trace && marks < kTraceMarks ? trace + marks : nullptr;
     ++marks;
     return m;
   };
-  if (unsigned long long* m = mark(); m && threadIdx.x == 0) *m = globaltimer();
+  auto stamp = [&](bool sync_first = false) {
+    if (trace && sync_first) StepBlock::sync();
+    if (unsigned long long* m = mark(); m && threadIdx.x == 0) *m = globaltimer();
+  };
+  stamp();
   wait_for_inputs();  // the token and position come from the previous kernel
-  if (unsigned long long* m = mark(); m && threadIdx.x == 0) *m = globaltimer();
+  stamp();
   GridSync grid_sync(a.arrivals, 1 + 5 * a.L);
   const bool no_sync = a.debug & 1;
   auto sync = [&] {
     unsigned long long* arrived = mark();
     grid_sync(no_sync, a.debug & 8, arrived);
-    if (unsigned long long* m = mark(); m && threadIdx.x == 0) *m = globaltimer();
+    stamp();
   };
   // h = the token's embedding row (dequantized for an int8 table), this block's slice of it.
   {
@@ -339,7 +390,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) decode_step_kernel(const __gr
   for (int l = 0; l < a.L; ++l) {
     const StepLayer& ly = a.layer[l];
     step_gemv<T, W, S, Act::kRmsNorm>(gemv_args(l, kQkv, a.h, ly.attn_norm, nullptr, a.qkv),
-                                      a.row_lanes[kQkv], ring, base, work, h_slice, a.debug & 2);
+                                      a.row_lanes[kQkv], ring, base, work, h_slice, a.debug & 2, stamp);
     sync();
     const AttnArgs at{a.qkv, a.position, a.cos, a.sin,
                       static_cast<T*>(a.k_cache) + l * layer_cache,
@@ -348,22 +399,22 @@ __global__ void __launch_bounds__(kStepThreads, 1) decode_step_kernel(const __gr
       attend<T, kStepWarps * 32, StepBlock>(at, h, 0, reinterpret_cast<float*>(work));
     sync();
     step_gemv<T, W, S, Act::kNone>(gemv_args(l, kWo, a.attn, nullptr, a.h, nullptr),
-                                   a.row_lanes[kWo], ring, base, work, h_slice, a.debug & 2);
+                                   a.row_lanes[kWo], ring, base, work, h_slice, a.debug & 2, stamp);
     sync();
     step_gemv<T, W, S, Act::kRmsNorm>(gemv_args(l, kW13, a.h, ly.ffn_norm, nullptr, a.gu),
-                                      a.row_lanes[kW13], ring, base, work, h_slice, a.debug & 2);
+                                      a.row_lanes[kW13], ring, base, work, h_slice, a.debug & 2, stamp);
     sync();
     step_gemv<T, W, S, Act::kSwiGlu>(gemv_args(l, kW2, a.gu, nullptr, a.h, nullptr),
-                                     a.row_lanes[kW2], ring, base, work, h_slice, a.debug & 2);
+                                     a.row_lanes[kW2], ring, base, work, h_slice, a.debug & 2, stamp);
     sync();
   }
   allow_next_launch();  // the sampler's blocks may take their places as these finish
   const GemvArgs out = gemv_args(0, kOut, a.h, a.final_norm, nullptr, a.logits);
   if (a.out_q8)
-    step_gemv<T, W, S, Act::kRmsNorm>(out, a.row_lanes[kOut], ring, base, work, h_slice, a.debug & 2);
+    step_gemv<T, W, S, Act::kRmsNorm>(out, a.row_lanes[kOut], ring, base, work, h_slice, a.debug & 2, stamp);
   else
-    step_gemv<T, T, float, Act::kRmsNorm>(out, a.row_lanes[kOut], ring, base, work, h_slice, a.debug & 2);
-  if (unsigned long long* m = mark(); m && threadIdx.x == 0) *m = globaltimer();
+    step_gemv<T, T, float, Act::kRmsNorm>(out, a.row_lanes[kOut], ring, base, work, h_slice, a.debug & 2, stamp);
+  stamp();
 }
 
 // The grid barrier's counter for steps that work on this KV cache, zeroed once. Keyed by the
@@ -608,5 +659,5 @@ at::Tensor decode_step_cuda(const at::Tensor& tokens, const at::Tensor& position
 
 TORCH_LIBRARY_IMPL(babyrt, CUDA, m) { m.impl("decode_step", babyrt::ops::decode_step_cuda); }
 
-// The marks of the last step with BABYRT_STEP_TRACE=1 ([blocks, 256] ns; empty without it).
+// The marks of the last step with BABYRT_STEP_TRACE=1 ([blocks, kTraceMarks] ns; empty without it).
 TORCH_LIBRARY_FRAGMENT(babyrt, m) { m.def("decode_step_trace", babyrt::ops::decode_step_trace); }

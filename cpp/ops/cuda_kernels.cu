@@ -119,16 +119,14 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
 // 4.36 us (66%) against gemv_kernel's 4.99 / 5.27 us; 32000x768 9.3 vs 16.3 us; 32000x288
 // 6.1 vs 13.9 us; 2560x2048 3.2 vs 2.6 us (slower). Yet inside a decode step it is slower end
 // to end (stories110M int8 3,417 vs 4,001 tok/s, 1B 1,160-1,173 vs 1,386-1,399), and asking
-// every kernel for the same L1/shared split did not change that. A likely cause, not yet
-// tested: two of these blocks fit on one SM, so while a neighbouring kernel still holds some
-// SMs the scheduler can put two slices on one free SM, which then takes twice as long (in the
-// benchmark, back-to-back calls leave exactly one free slot per SM). A first version
+// every kernel for the same L1/shared split did not change that. Nor did one block per SM
+// (a ring above half an SM's shared memory: 1B int8 1,140 vs 1,350 tok/s, stories110M 3,254
+// vs 3,726), so two slices sharing an SM beside a neighbour is not the cause. A first version
 // that spread 16-byte chunks over all threads and summed each warp's 32 chunks by row was bound
 // by that reduction's instructions (9 us).
 constexpr int kStreamWarps = 16;                          // consumer warps
 constexpr int kStreamThreads = (kStreamWarps + 1) * 32;  // and one producer warp
 constexpr int64_t kStreamMinBytes = 2 << 20;  // smaller matrices: gemv_kernel's lower fixed cost
-constexpr int kNeighbourBytes = 40 << 10;     // shared memory a streamed block leaves on its SM
 
 // Where the streamed GEMV keeps what in its dynamic shared memory (byte offsets), for a block
 // of at most rows_max rows; the same on the host (sizing) and on the device.
@@ -271,11 +269,11 @@ bool launch_gemv_stream(GemvArgs& a) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     cudaFuncAttributes attr;
     C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-    // More than half an SM's shared memory, so that two of these blocks never share an SM
-    // (a neighbouring kernel holding some SMs could otherwise get two slices put on one), and
-    // less than all of it, leaving kNeighbourBytes for other kernels' blocks (the per-warp
-    // GEMV's staged x, attention's scores) and the 1 KB per block the driver keeps.
-    const int budget = optin - static_cast<int>(attr.sharedSizeBytes) - kNeighbourBytes;
+    // Room for this block and one of the next kernel, less 1 KB per block the driver keeps.
+    // (Measured: a budget above half the SM, one block per SM whatever the neighbours, gave
+    // 4.30 / 4.32 us on 2048x5632 / 5632x2048 but 11.3 us on 11264x2048, and was as slow end
+    // to end.)
+    const int budget = optin / 2 - static_cast<int>(attr.sharedSizeBytes) - 1024;
     if (budget > 0)
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, budget));
     return Info{attr.binaryVersion >= 90, sms, budget};
