@@ -199,7 +199,7 @@ struct StepRing {
 // With a residual (h += W x), the block's rows of h come from and go to h_slice in shared
 // memory as well as to global h: no round trip to L2 for them.
 template <typename T, typename W, typename S, Act kAct, typename Mark>
-__device__ void step_gemv(const GemvArgs& a, int row_lanes, const StepRing& ring, int64_t& base,
+__device__ void step_gemv(const GemvArgs& a, int row_lanes, const StepRing& ring, int& base,
                           unsigned char* work, float* h_slice, bool no_math, Mark&& mark) {
   constexpr int E = 16 / sizeof(W);
   constexpr bool kQ8 = sizeof(W) == 1;
@@ -217,7 +217,7 @@ __device__ void step_gemv(const GemvArgs& a, int row_lanes, const StepRing& ring
   const int ring_chunks = slots * kPieceChunks;
   const int first_pos = static_cast<int>(base % slots) * kPieceChunks;
   auto wait_landed = [&](int p) {
-    const int64_t g = base + p;
+    const int g = base + p;  // 32-bit: 64-bit division is emulated
     barrier_wait(&ring.full[g % slots], (g / slots) & 1);
   };
   int released = 0;
@@ -293,7 +293,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) decode_step_kernel(const __gr
     // soon as its slot is free. The weights are read-only, so it does not wait for the
     // previous kernel (PDL): the first ring-full overlaps its tail.
     if (lane == 0) {
-      int64_t p = 0;
+      int p = 0;
       auto stream = [&](int l, int m) {
         int N, K;
         matrix_shape(a, m, N, K);
@@ -369,7 +369,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) decode_step_kernel(const __gr
   }
   sync();
 
-  int64_t base = 0;  // the ring piece the next matrix starts at
+  int base = 0;  // the ring piece the next matrix starts at
   auto gemv_args = [&](int l, int m, const void* x, const void* norm, void* residual_and_y, void* y) {
     int N, K;
     matrix_shape(a, m, N, K);
