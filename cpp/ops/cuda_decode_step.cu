@@ -21,8 +21,10 @@
 // Every phase is the device code of the one-op kernels (cuda_common.cuh), run by the 16
 // consumer warps, so the roundings are the same as the op-by-op path's.
 //
-// Shapes or devices it does not cover return an empty tensor, and the caller (FusedLlama) runs
-// the layers op by op. BABYRT_DECODE_STEP=0 does the same, to measure one against the other.
+// Opt-in (BABYRT_DECODE_STEP=1): it is slower than the op-by-op kernels so far (stories15M
+// 6,963 vs 9,071 tok/s; docs/cuda-decode.md has the per-phase trace). Without it, and for
+// shapes or devices it does not cover, it returns an empty tensor and the caller (FusedLlama)
+// runs the layers op by op.
 #include <mutex>
 #include <unordered_map>
 
@@ -64,7 +66,7 @@ struct StepArgs {
   void* attn;               // [H D]
   void* gu;                 // [2 hidden]: gate, then up
   float* logits;            // [V]
-  unsigned long long* arrivals;  // the grid barrier's counter (see grid_sync)
+  unsigned long long* arrivals;  // the grid barriers' counter (see GridSync)
   int64_t emb_rows;
   float eps;
   int L, dim, hidden, H, KV, D, S, P, V;
@@ -94,12 +96,6 @@ __host__ __device__ inline int slice_start(int64_t N, int b, int blocks) {
   return static_cast<int>(N * b / blocks);
 }
 
-// The grid barriers of a step: one 64-bit counter that only grows. Each block adds one per
-// barrier (a release: the block's writes before it are visible to whoever acquires the count)
-// and waits until the count reaches its target (an acquire). A launch adds exactly
-// barriers x blocks, so the count at a launch's start, rounded down to a multiple of that, is
-// the base of its targets: no block can be a whole barrier ahead of the one reading it. All
-// blocks are resident at once (one per SM, as many as SMs), so every one arrives.
 __device__ __forceinline__ unsigned long long globaltimer() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
@@ -110,6 +106,12 @@ __device__ __forceinline__ unsigned long long globaltimer() {
 // babyrt::decode_step_trace (benchmarks/decode_step_trace.py).
 constexpr int kTraceMarks = 512;
 
+// The grid barriers of a step: one 64-bit counter that only grows. Each block adds one per
+// barrier (a release: the block's writes before it are visible to whoever acquires the count)
+// and waits until the count reaches its target (an acquire). A launch adds exactly
+// barriers x blocks, so the count at a launch's start, rounded down to a multiple of that, is
+// the base of its targets: no block can be a whole barrier ahead of the one reading it. All
+// blocks are resident at once (one per SM, as many as SMs), so every one arrives.
 struct GridSync {
   unsigned long long* count;
   unsigned long long target;  // thread 0's
@@ -140,6 +142,7 @@ struct GridSync {
   }
 };
 
+// Asks L2 to fetch the 128-byte lines of [p, p + bytes) (no wait; a hint).
 __device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes) {
   const char* c = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t{127});
   const char* end = static_cast<const char*>(p) + bytes;

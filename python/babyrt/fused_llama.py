@@ -7,9 +7,9 @@ babyrt's fused ops (cpp/ops) so that a decode step is 5 op calls per layer inste
     h   = rmsnorm_linear(x, ffn_norm, W13)                  # gate and up in one GEMV
     x   = swiglu_linear(h, W2, residual=x)
 
-On CUDA, a decode step of one sequence is one op, decode_step: the whole step as one kernel
-(cpp/ops/cuda_decode_step.cu), where it covers the weights and shapes; elsewhere the layers run
-op by op as above.
+On CUDA, a decode step of one sequence first offers itself to decode_step, the whole step as
+one kernel (cpp/ops/cuda_decode_step.cu; opt-in with BABYRT_DECODE_STEP=1, not yet faster);
+where that declines, the layers run op by op as above.
 
 Weights are float, or int8 with scales (quantize.py). The artifact's calling convention is
 unchanged (docs/artifact-format.md); the parity tests hold it to the training model.
