@@ -356,6 +356,27 @@ __device__ __forceinline__ void barrier_wait(uint64_t* bar, uint32_t parity) {
 }
 
 
+// A kernel on the current device: its SMs, whether its binary is for Hopper or later, and the
+// dynamic shared memory a block of it may take, budget(the device's opt-in limit, the kernel's
+// static shared memory), which is set as the kernel's limit (the default limit is 48 KB).
+struct KernelRoom {
+  bool hopper;
+  int sms, smem;
+};
+template <typename Kernel, typename Budget>
+KernelRoom kernel_room(Kernel kernel, Budget&& budget) {
+  int device = 0, sms = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  const int smem = budget(optin, static_cast<int>(attr.sharedSizeBytes));
+  if (smem > 0)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  return KernelRoom{attr.binaryVersion >= 90, sms, smem};
+}
+
 bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
 }

@@ -455,33 +455,17 @@ at::Tensor decode_step_trace() {
   return at::from_blob(t, {sms, kTraceMarks}, at::TensorOptions().device(at::kCUDA).dtype(at::kLong)).clone();
 }
 
-struct StepDevice {
-  bool hopper;
-  int sms, budget;  // budget: the dynamic shared memory a block may take
-};
-
 template <typename T, typename W, typename S>
-const StepDevice& step_device() {
-  static const StepDevice info = [] {
-    auto kernel = decode_step_kernel<T, W, S>;
-    int device = 0, sms = 0, optin = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    cudaFuncAttributes attr;
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-    const int budget = optin - static_cast<int>(attr.sharedSizeBytes);
-    if (attr.binaryVersion >= 90)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, budget));
-    return StepDevice{attr.binaryVersion >= 90, sms, budget};
-  }();
+const KernelRoom& step_device() {
+  static const KernelRoom info =
+      kernel_room(decode_step_kernel<T, W, S>, [](int optin, int fixed) { return optin - fixed; });
   return info;
 }
 
 // Sizes the ring and launches; false where the step does not fit (the caller falls back).
 template <typename T, typename W, typename S>
 bool launch_decode_step(StepArgs& a) {
-  const StepDevice& dev = step_device<T, W, S>();
+  const KernelRoom& dev = step_device<T, W, S>();
   if (!dev.hopper) return false;
   const int blocks = dev.sms;
   if ((a.dim + blocks - 1) / blocks > kMaxSlice) return false;
@@ -505,7 +489,7 @@ bool launch_decode_step(StepArgs& a) {
   }
   a.ring_offset = static_cast<int>(up(work));
   const int64_t per_slot = kPieceBytes + 2 * sizeof(uint64_t);
-  a.slots = static_cast<int>((dev.budget - a.ring_offset) / per_slot);
+  a.slots = static_cast<int>((dev.smem - a.ring_offset) / per_slot);
   if (a.slots < min_slots) return false;
   const size_t smem = a.ring_offset + a.slots * per_slot;
   int per_sm = 0;

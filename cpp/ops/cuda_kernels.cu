@@ -258,26 +258,12 @@ __global__ void __launch_bounds__(kStreamThreads, 2) gemv_stream_kernel(GemvArgs
 template <typename T, typename W, typename S, Act kAct>
 bool launch_gemv_stream(GemvArgs& a) {
   auto kernel = gemv_stream_kernel<T, W, S, kAct>;
-  struct Info {
-    bool hopper;
-    int sms, budget;
-  };
-  static const Info info = [&] {
-    int device = 0, sms = 0, optin = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    cudaFuncAttributes attr;
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-    // Room for this block and one of the next kernel, less 1 KB per block the driver keeps.
-    // (Measured: a budget above half the SM, one block per SM whatever the neighbours, gave
-    // 4.30 / 4.32 us on 2048x5632 / 5632x2048 but 11.3 us on 11264x2048, and was as slow end
-    // to end.)
-    const int budget = optin / 2 - static_cast<int>(attr.sharedSizeBytes) - 1024;
-    if (budget > 0)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, budget));
-    return Info{attr.binaryVersion >= 90, sms, budget};
-  }();
+  // Room for this block and one of the next kernel, less 1 KB per block the driver keeps.
+  // (Measured: a budget above half the SM, one block per SM whatever the neighbours, gave
+  // 4.30 / 4.32 us on 2048x5632 / 5632x2048 but 11.3 us on 11264x2048, and was as slow end
+  // to end.)
+  static const KernelRoom info =
+      kernel_room(kernel, [](int optin, int fixed) { return optin / 2 - fixed - 1024; });
   const int64_t chunks = a.K / (16 / sizeof(W));
   if (!info.hopper || static_cast<int64_t>(a.N) * chunks * 16 < kStreamMinBytes) return false;
   const int blocks = std::min(info.sms, a.N);
@@ -292,8 +278,8 @@ bool launch_gemv_stream(GemvArgs& a) {
   const int64_t min_slots = std::min<int64_t>(pieces, (group_chunks + kPieceChunks - 1) / kPieceChunks + 1);
   const size_t fixed = stream_layout<T, W, S>(a.M, a.K, a.group, rows_max, 0).total;
   const size_t per_slot = kPieceBytes + 2 * sizeof(uint64_t);
-  if (fixed + min_slots * per_slot > static_cast<size_t>(info.budget)) return false;
-  a.ring_slots = static_cast<int>(std::min<int64_t>(pieces, (info.budget - fixed) / per_slot));
+  if (fixed + min_slots * per_slot > static_cast<size_t>(info.smem)) return false;
+  a.ring_slots = static_cast<int>(std::min<int64_t>(pieces, (info.smem - fixed) / per_slot));
   const size_t smem = stream_layout<T, W, S>(a.M, a.K, a.group, rows_max, a.ring_slots).total;
   launch(kernel, dim3(blocks), dim3(kStreamThreads), smem, a);
   return true;
@@ -317,16 +303,8 @@ bool launch_gemv(GemvArgs a) {
   const size_t smem = gemv_smem_bytes<T, W>(a.M, a.K);
   // The dynamic shared memory a block may take: the device's opt-in limit less the kernel's
   // static shared memory (set once per kernel; the default limit is 48 KB).
-  static const int max_smem = [&] {
-    int device = 0, optin = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    cudaFuncAttributes attr;
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-    const int dynamic = optin - static_cast<int>(attr.sharedSizeBytes);
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic));
-    return dynamic;
-  }();
+  static const int max_smem =
+      kernel_room(kernel, [](int optin, int fixed) { return optin - fixed; }).smem;
   if (smem > static_cast<size_t>(max_smem) / 2) return false;  // two blocks per SM at least
   int device = 0, sms = 0, per_sm = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
