@@ -216,8 +216,8 @@ def test_cuda_decode_step_matches_op_by_op(case, dtype, monkeypatch):
 
 
 def test_cuda_decode_step_declines_what_it_does_not_cover(monkeypatch):
-    """fp32 weights: an empty result, and FusedLlama runs the layers op by op. So does every
-    model without BABYRT_DECODE_STEP=1."""
+    """fp32 weights, or a weight on another device: an empty result, and FusedLlama runs the
+    layers op by op. So does every model without BABYRT_DECODE_STEP=1."""
     monkeypatch.setenv("BABYRT_DECODE_STEP", "1")
     m = _step_model("float", torch.float32)
     weights, scales = m.step_tensors()
@@ -233,6 +233,9 @@ def test_cuda_decode_step_declines_what_it_does_not_cover(monkeypatch):
     args = (tok, pos, weights, scales, m.rope_cos, m.rope_sin, kc, kc.clone(), m.n_heads,
             m.n_kv_heads, m.eps)
     assert torch.ops.babyrt.decode_step(*args).numel() > 0
+    # A tensor on another device: declined, not read through a host pointer.
+    elsewhere = (args[0], args[1], [weights[0].cpu()] + weights[1:]) + args[3:]
+    assert torch.ops.babyrt.decode_step(*elsewhere).numel() == 0
     monkeypatch.setenv("BABYRT_DECODE_STEP", "0")
     assert torch.ops.babyrt.decode_step(*args).numel() == 0
 

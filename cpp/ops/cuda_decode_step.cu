@@ -530,6 +530,14 @@ at::Tensor decode_step_cuda(const at::Tensor& tokens, const at::Tensor& position
   if (!enabled || L < 1 || L > kStepMaxLayers || weights.size() != static_cast<size_t>(3 + 6 * L) ||
       scales.size() != static_cast<size_t>(2 + 4 * L))
     return none;
+  // Every tensor on the tokens' device (the kernel reads them all through raw pointers).
+  const at::Device dev = tokens.device();
+  auto here = [&](const at::Tensor& t) { return t.device() == dev; };
+  if (!tokens.is_cuda() || !here(positions) || !here(cos) || !here(sin) || !here(k_cache) ||
+      !here(v_cache) || !std::all_of(weights.begin(), weights.end(), here))
+    return none;
+  for (size_t i = 0; i < scales.size(); ++i)
+    if (const std::optional<at::Tensor> s = scales.get(i); s && !here(*s)) return none;
   const at::Tensor& emb = weights[0];
   const at::Tensor& final_norm = weights[1];
   const at::Tensor& out_w = weights[2];
