@@ -455,17 +455,12 @@ at::Tensor decode_step_trace() {
   return at::from_blob(t, {sms, kTraceMarks}, at::TensorOptions().device(at::kCUDA).dtype(at::kLong)).clone();
 }
 
-template <typename T, typename W, typename S>
-const KernelRoom& step_device() {
-  static const KernelRoom info =
-      kernel_room(decode_step_kernel<T, W, S>, [](int optin, int fixed) { return optin - fixed; });
-  return info;
-}
 
 // Sizes the ring and launches; false where the step does not fit (the caller falls back).
 template <typename T, typename W, typename S>
 bool launch_decode_step(StepArgs& a) {
-  const KernelRoom& dev = step_device<T, W, S>();
+  static const KernelRoom dev =
+      kernel_room(decode_step_kernel<T, W, S>, [](int optin, int fixed) { return optin - fixed; });
   if (!dev.hopper) return false;
   const int blocks = dev.sms;
   if ((a.dim + blocks - 1) / blocks > kMaxSlice) return false;
