@@ -17,13 +17,16 @@ def main() -> None:
     p.add_argument("--shape", default="stories15M")
     p.add_argument("--quantize", choices=["int8"], default=None)
     p.add_argument("--position", type=int, default=200, help="the step's position (context filled)")
+    p.add_argument("--no-trace", action="store_true",
+                   help="only run the steps (for a profiler such as ncu), print nothing")
     a = p.parse_args()
-    assert os.environ.get("BABYRT_STEP_TRACE"), "set BABYRT_STEP_TRACE=1"
+    assert a.no_trace or os.environ.get("BABYRT_STEP_TRACE"), "set BABYRT_STEP_TRACE=1"
     from babyrt.bench import shape_model
     from babyrt.fused_llama import FusedLlama
     from babyrt.quantize import QuantConfig
 
-    m = FusedLlama(shape_model(a.shape, 256), QuantConfig() if a.quantize else None)
+    with torch.device("cuda"):  # random init of a 1B model on the host takes a minute
+        m = FusedLlama(shape_model(a.shape, 256), QuantConfig() if a.quantize else None)
     for prm in m.parameters():
         prm.data = prm.data.to(torch.bfloat16)
     m = m.cuda()
@@ -38,6 +41,8 @@ def main() -> None:
                                            m.n_heads, m.n_kv_heads, m.eps)
     torch.cuda.synchronize()
     assert out.numel() > 0, "decode_step did not cover this model"
+    if a.no_trace:
+        return
     t = torch.ops.babyrt.decode_step_trace().double()
     t = (t - t[:, 0].min()) / 1e3  # us from the first block's start
     last = t.max(0).values  # each mark at the slowest block

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build babyrt with CUDA, run the CUDA tests, and run the GPU
 # benchmarks. Results land in $OUT (or ./gpu_out).
-# Usage: bash tools/gpu_check.sh [tests|int8|bench|profile|seed|sweep|mfu|all]...
+# Usage: bash tools/gpu_check.sh [tests|int8|bench|step|ncu|profile|seed|sweep|mfu|all]...
+#   step: the one-kernel decode step on and off per shape, and its per-phase trace; ncu: its
+#   warp stall reasons under Nsight Compute.
 #   profile: the kernels of a decode step, per shape (benchmarks/cuda_decode_profile.py), with
 #   PDL off so that kernel durations do not overlap.
 #   sweep: tools/seed_sweep.py over the specs in $SWEEP_FILE (one NAME:PRESET:JSON per line), all
@@ -47,6 +49,37 @@ if [[ $what == *bench* || $what == all ]]; then
     babyrt bench --shape $shape --device cuda --quantize int8 --json "$OUT/bench_$shape.json" \
       ${BENCH_ARGS:-} 2>&1 | grep -v Warning
   done
+fi
+if [[ $what == *step* ]]; then
+  # The one-kernel decode step (BABYRT_DECODE_STEP=1) against the op-by-op kernels, bf16 and int8, the
+  # same build and machine; then its per-phase trace on stories15M.
+  for shape in ${BENCH_SHAPES:-stories15M stories110M 1b-gqa}; do
+    for on in 1 0; do
+      BABYRT_DECODE_STEP=$on timeout 150 babyrt bench --shape $shape --device cuda --quantize int8 \
+        --no-peers --json "$OUT/step${on}_$shape.json" 2>&1 | grep -E '^\| *babyrt' | sed "s/^/decode_step=$on /"
+    done
+  done
+  BABYRT_STEP_TRACE=1 BABYRT_DECODE_STEP=1 timeout 120 python3 "$repo/benchmarks/decode_step_trace.py" \
+    --shape stories15M 2>&1 | grep -v Warning
+fi
+if [[ $what == *ncu* ]]; then
+  # Warp stall reasons of the one-kernel step (stories15M), per kernel and per SASS instruction
+  # (sampled): "no_instruction" is instruction fetch, "barrier" the block's syncs.
+  BABYRT_DECODE_STEP=1 timeout 300 ncu --clock-control none -k regex:decode_step_kernel -s 5 -c 1 \
+    --section WarpStateStats --section SourceCounters -o "$OUT/ncu_step" \
+    --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+    python3 "$repo/benchmarks/decode_step_trace.py" --shape stories15M --no-trace 2>&1 | grep -v Warning | tail -3
+  ncu -i "$OUT/ncu_step.ncu-rep" --page raw --csv > "$OUT/ncu_step_raw.csv"
+  ncu -i "$OUT/ncu_step.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_step_sass.csv"
+  rm -f "$OUT/ncu_step.ncu-rep"
+  python3 - "$OUT/ncu_step_raw.csv" <<'PY'
+import csv, sys
+rows = list(csv.reader(open(sys.argv[1])))
+stalls = [(float(v.replace(",", "")), k) for k, v in zip(rows[0], rows[-1])
+          if "issue_stalled" in k and v.replace(",", "").replace(".", "").isdigit()]
+for v, k in sorted(stalls, reverse=True)[:14]:
+    print(f"{v:8.3f} {k}")
+PY
 fi
 if [[ $what == *profile* ]]; then
   for shape in ${BENCH_SHAPES:-stories15M stories110M 1b-gqa}; do
