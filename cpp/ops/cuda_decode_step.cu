@@ -37,7 +37,6 @@ constexpr int kStepWarps = 16;                       // consumer warps
 constexpr int kStepThreads = (kStepWarps + 1) * 32;  // and one producer warp
 constexpr int kStepMaxLayers = 64;                   // the layers' pointers travel as kernel arguments
 constexpr int kMaxSlice = 128;                       // rows of h a block keeps (dim <= 128 x SMs)
-constexpr int64_t kL2Ahead = 128 << 10;              // weights a block prefetches into L2 (debug 16)
 using StepBlock = Consumers<kStepWarps * 32>;
 
 // The matrices of a step, in the order the producer streams them within a layer (kOut last).
@@ -75,8 +74,7 @@ struct StepArgs {
   int emb_groups;                    // scales per row of an int8 embedding table
   bool emb_q8, emb_scales_bf16, out_q8;
   int slots, ring_offset;            // the ring: slots pieces from ring_offset in shared memory
-  int debug;  // BABYRT_STEP_DEBUG: 1 no barriers, 2 no GEMV math, 4 no attention, 8 poll backoff,
-             // 16 the next matrix's weights prefetched into L2
+  int debug;  // BABYRT_STEP_DEBUG: 1 no barriers, 2 no GEMV math, 4 no attention, 8 poll backoff
   unsigned long long* trace;         // BABYRT_STEP_TRACE=1: per block, the time at each mark
   int row_lanes[kMatrices];          // lanes per row in each matrix's GEMV (32, 16 or 8)
   StepLayer layer[kStepMaxLayers];
@@ -299,35 +297,16 @@ __global__ void __launch_bounds__(kStepThreads, 1) decode_step_kernel(const __gr
     // previous kernel (PDL): the first ring-full overlaps its tail.
     if (lane == 0) {
       // Each weight is read once a step: evict-first, so that it does not push the step's
-      // activations and code out of L2 (stories15M 6,935 -> 7,081 tok/s, 1B bf16 864 -> 908).
+      // activations out of L2 (H200, same run: stories15M 6,935 -> 7,081 tok/s, 1B bf16 864 -> 908).
       const uint64_t policy = evict_first_policy();
       int p = 0;
-      // This block's slice of matrix m of layer l: its first byte, its bytes.
-      auto slice = [&](int l, int m, const char*& src, int64_t& bytes, int& r0, int& K) {
-        int N;
-        matrix_shape(a, m, N, K);
-        r0 = slice_start(N, blockIdx.x, gridDim.x);
-        const int64_t row_bytes = static_cast<int64_t>(K) * element_bytes(m);
-        bytes = (slice_start(N, blockIdx.x + 1, gridDim.x) - r0) * row_bytes;
-        src = static_cast<const char*>(weights_of(l, m)) + r0 * row_bytes;
-      };
       auto stream = [&](int l, int m) {
-        const char* src;
-        int64_t bytes;
-        int r0, K;
-        slice(l, m, src, bytes, r0, K);
+        int N, K;
+        matrix_shape(a, m, N, K);
+        const int r0 = slice_start(N, blockIdx.x, gridDim.x);
         const int64_t row_bytes = static_cast<int64_t>(K) * element_bytes(m);
-        if ((a.debug & 16) && m != kOut) {
-          // The next matrix's first kL2Ahead bytes into L2 while this one streams: L2 holds
-          // what the ring cannot while the consumers attend or wait at a barrier.
-          const int nl = m == kW2 ? l + 1 : l, nm = m == kW2 ? (l + 1 < a.L ? kQkv : kOut) : m + 1;
-          const char* next;
-          int64_t next_bytes;
-          int nr0, nK;
-          slice(nm == kOut ? 0 : nl, nm, next, next_bytes, nr0, nK);
-          for (int64_t off = 0; off < next_bytes && off < kL2Ahead; off += kPieceBytes)
-            bulk_prefetch_l2(next + off, static_cast<uint32_t>(next_bytes - off < kPieceBytes ? next_bytes - off : kPieceBytes));
-        }
+        const int64_t bytes = (slice_start(N, blockIdx.x + 1, gridDim.x) - r0) * row_bytes;
+        const char* src = static_cast<const char*>(weights_of(l, m)) + r0 * row_bytes;
         if (element_bytes(m) == 1) {  // int8: the scales into L2 ahead of the consumers
           const int64_t srow = static_cast<int64_t>(K / a.group[m]) * sizeof(S);
           prefetch_l2(static_cast<const char*>(scales_of(l, m)) + r0 * srow, bytes / row_bytes * srow);
