@@ -175,6 +175,10 @@ struct GemvArgs {
   int ring_slots;        // gemv_stream_kernel: pieces of W its shared-memory ring holds
   int row_lanes;         // gemv_stream_kernel: lanes per row (32, 16 or 8; a warp takes 32 / it rows)
   bool y_float;          // y is fp32: the T result widened (the reference's cast)
+  // Let the next kernel launch only once this one's inputs are ready (after its PDL wait), so
+  // that everything before this kernel has finished when the next one starts: what the early
+  // attention relies on (BABYRT_ATTN_EARLY, attention_decode_kernel).
+  bool launch_after_wait;
 };
 
 // Shared memory the GEMV stages act(x) in: as T for float weights; as int8 with one fp32 scale
@@ -218,7 +222,6 @@ template <typename T, typename W, Act kAct, typename Block = WholeBlock>
 __device__ __forceinline__ void stage_activations(const GemvArgs& a, unsigned char* smem) {
   constexpr bool kCG = Block::kCoherent;
   constexpr int E = 16 / sizeof(T);  // values of x per 16-byte vector
-  constexpr bool kQ8 = sizeof(W) == 1;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const T* x = static_cast<const T*>(a.x);
   const int64_t xs = kAct == Act::kSwiGlu ? 2 * static_cast<int64_t>(a.K) : a.K;
@@ -369,6 +372,17 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
       ::"r"(smem_address(dst)), "l"(src), "r"(bytes), "r"(smem_address(bar)), "l"(policy) : "memory");
 #endif
 }
+// 16 bytes from global src to shared dst, asynchronously (complete after cp_async_wait_all).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_address(dst)), "l"(src) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
 // Waits until the phase of bar with this parity has completed.
 __device__ __forceinline__ void barrier_wait(uint64_t* bar, uint32_t parity) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -417,6 +431,7 @@ struct AttnArgs {
   void* v_cache;
   void* out;                 // [B, 1, H D]
   int H, KV, D, S, P;
+  int early_slots;  // attention_decode_kernel: K and V rows it may copy before its PDL wait (0: none)
 };
 
 // Reduction of one float (max or sum) over the Block's threads.
@@ -443,9 +458,13 @@ __host__ __device__ constexpr size_t attend_smem_bytes(int S, int D, int threads
 
 // Head h of sequence b for one new token, by the Block's kThreads threads: RoPE on q and k, k
 // and v into the cache at the sequence's position, softmax(q K^T / sqrt(D)) V over the slots up
-// to it, into out. smem: attend_smem_bytes.
-template <typename T, int kThreads, typename Block>
-__device__ void attend(const AttnArgs& a, int h, int b, float* smem) {
+// to it, into out. smem: attend_smem_bytes. kCopy: kv_copy (or null) is shared memory that
+// already holds the head's K rows of the slots before the position, and a.early_slots rows
+// further on its V rows; the new k and v go there too, and the slots are read from there
+// instead of the cache. (A template flag, so that the plain kernel reads the cache through
+// global loads, not through pointers chosen at run time.)
+template <typename T, int kThreads, typename Block, bool kCopy = false>
+__device__ void attend(const AttnArgs& a, int h, int b, float* smem, T* kv_copy = nullptr) {
   constexpr int E = 16 / sizeof(T);  // cache elements per 16-byte vector
   constexpr bool kCG = Block::kCoherent;
   __shared__ float q[kMaxHeadDim];
@@ -463,6 +482,8 @@ __device__ void attend(const AttnArgs& a, int h, int b, float* smem) {
   const int64_t cache_off = (static_cast<int64_t>(b) * a.KV + kvh) * a.S * D;
   T* kc = static_cast<T*>(a.k_cache) + cache_off;
   T* vc = static_cast<T*>(a.v_cache) + cache_off;
+  T* const k_rows = kCopy ? kv_copy : nullptr;  // the slots' copies, if any
+  T* const v_rows = kCopy && kv_copy ? kv_copy + static_cast<int64_t>(a.early_slots) * D : nullptr;
 
   // RoPE on q and on this token's k; k and v into their slot. Every block of a kv head writes
   // the same values, so the duplicate writes are benign and each block then reads its own.
@@ -478,14 +499,24 @@ __device__ void attend(const AttnArgs& a, int h, int b, float* smem) {
       q[2 * i + 1] = round_to<T>(q0 * s + q1 * c);
       kc[p * D + 2 * i] = from_float<T>(k0 * c - k1 * s);
       kc[p * D + 2 * i + 1] = from_float<T>(k0 * s + k1 * c);
+      if constexpr (kCopy)
+        if (k_rows) {
+          k_rows[p * D + 2 * i] = from_float<T>(k0 * c - k1 * s);
+          k_rows[p * D + 2 * i + 1] = from_float<T>(k0 * s + k1 * c);
+        }
     } else {
       q[2 * i] = q0;
       q[2 * i + 1] = q1;
       kc[p * D + 2 * i] = from_float<T>(k0);
       kc[p * D + 2 * i + 1] = from_float<T>(k1);
+      if constexpr (kCopy)
+        if (k_rows) k_rows[p * D + 2 * i] = from_float<T>(k0), k_rows[p * D + 2 * i + 1] = from_float<T>(k1);
     }
   }
   for (int d = threadIdx.x; d < D; d += kThreads) vc[p * D + d] = load<kCG>(vh + d);
+  if constexpr (kCopy)
+    if (v_rows)
+      for (int d = threadIdx.x; d < D; d += kThreads) v_rows[p * D + d] = load<kCG>(vh + d);
   Block::sync();
 
   // Scores of slots 0..p, one slot per thread at a time; a row of K is read four 16-byte
@@ -494,7 +525,7 @@ __device__ void attend(const AttnArgs& a, int h, int b, float* smem) {
   float* scores = smem;
   float local_max = -INFINITY;
   for (int64_t j = threadIdx.x; j <= p; j += kThreads) {
-    const T* kj = kc + j * D;
+    const T* kj = (kCopy && k_rows ? k_rows : kc) + j * D;
     float s = 0.f;
     for (int d0 = 0; d0 < D; d0 += 4 * E) {
       float kv[4][E];
@@ -531,12 +562,13 @@ __device__ void attend(const AttnArgs& a, int h, int b, float* smem) {
   float acc[E];
 #pragma unroll
   for (int e = 0; e < E; ++e) acc[e] = 0.f;
+  const T* vs = kCopy && v_rows ? v_rows : vc;
   if (c < vecs) {
     int64_t j = g;
     for (; j + 3 * groups <= p; j += 4 * groups) {
       float vv[4][E];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) load_floats<T, E>(vc + (j + u * groups) * D + c * E, vv[u]);
+      for (int u = 0; u < 4; ++u) load_floats<T, E>(vs + (j + u * groups) * D + c * E, vv[u]);
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         const float w = scores[j + u * groups];
@@ -546,7 +578,7 @@ __device__ void attend(const AttnArgs& a, int h, int b, float* smem) {
     }
     for (; j <= p; j += groups) {
       float vv[E];
-      load_floats<T, E>(vc + j * D + c * E, vv);
+      load_floats<T, E>(vs + j * D + c * E, vv);
       const float w = scores[j];
 #pragma unroll
       for (int e = 0; e < E; ++e) acc[e] += w * vv[e];
