@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build babyrt with CUDA, run the CUDA tests, and run the GPU
 # benchmarks. Results land in $OUT (or ./gpu_out).
-# Usage: bash tools/gpu_check.sh [tests|int8|bench|step|early|ncu|profile|seed|sweep|mfu|all]...
+# Usage: bash tools/gpu_check.sh [tests|int8|bench|step|variants|ncu|profile|seed|sweep|mfu|all]...
 #   step: the one-kernel decode step on and off per shape, and its per-phase trace; ncu: its
-#   warp stall reasons under Nsight Compute; early: attention's early K/V copy on and off.
+#   warp stall reasons under Nsight Compute; variants: the opt-in kernel variants (VARIANTS).
 #   profile: the kernels of a decode step, per shape (benchmarks/cuda_decode_profile.py), with
 #   PDL off so that kernel durations do not overlap.
 #   sweep: tools/seed_sweep.py over the specs in $SWEEP_FILE (one NAME:PRESET:JSON per line), all
@@ -62,13 +62,14 @@ if [[ $what == *step* ]]; then
   BABYRT_STEP_TRACE=1 BABYRT_DECODE_STEP=1 timeout 120 python3 "$repo/benchmarks/decode_step_trace.py" \
     --shape stories15M 2>&1 | grep -v Warning
 fi
-if [[ $what == *early* ]]; then
-  # Attention with its K and V rows copied before the PDL wait (BABYRT_ATTN_EARLY=1) against
-  # the default, bf16 and int8, same build and machine.
+if [[ $what == *variants* ]]; then
+  # Opt-in variants of the op-by-op path against the default, bf16 and int8, same build and
+  # machine. VARIANTS: space-separated, each "none" or comma-separated NAME=VALUE settings.
   for shape in ${BENCH_SHAPES:-stories15M stories110M 1b-gqa}; do
-    for on in 1 0; do
-      BABYRT_ATTN_EARLY=$on timeout 150 babyrt bench --shape $shape --device cuda --quantize int8 \
-        --no-peers --json "$OUT/early${on}_$shape.json" 2>&1 | grep -E '^\| *babyrt' | sed "s/^/attn_early=$on /"
+    for v in ${VARIANTS:-none BABYRT_ATTN_EARLY=1 BABYRT_NORM_ONEPASS=1 BABYRT_ATTN_EARLY=1,BABYRT_NORM_ONEPASS=1}; do
+      settings=(); [[ $v != none ]] && IFS=, read -ra settings <<< "$v"
+      env "${settings[@]}" timeout 150 babyrt bench --shape $shape --device cuda --quantize int8 \
+        --no-peers 2>&1 | grep -E '^\| *babyrt' | sed "s/^/$v /"
     done
   done
 fi

@@ -179,6 +179,9 @@ struct GemvArgs {
   // that everything before this kernel has finished when the next one starts: what the early
   // attention relies on (BABYRT_ATTN_EARLY, attention_decode_kernel).
   bool launch_after_wait;
+  // gemv_kernel stages RMSNorm of one row in one round trip (stage_rmsnorm_row) where it fits.
+  // Opt-in (BABYRT_NORM_ONEPASS=1) until measured on the GPU; decode_step always does.
+  bool one_pass_norm;
 };
 
 // Shared memory the GEMV stages act(x) in: as T for float weights; as int8 with one fp32 scale
@@ -275,6 +278,47 @@ __device__ __forceinline__ void stage_activations(const GemvArgs& a, unsigned ch
     store_staged<T, W>(smem, i, a.M, a.K, v);
   }
   Block::sync();
+}
+
+// stage_activations for RMSNorm of one row of x (M = 1), K <= 16 x the Block's threads: each
+// thread loads its 16 values of x and of the norm weights at once and keeps them while the
+// block sums the squares, so that staging costs one round trip to L2 (stage_activations takes
+// two: x, then the norm weights). Roundings as stage_activations'.
+template <typename T, typename W, typename Block>
+__device__ void stage_rmsnorm_row(const GemvArgs& a, unsigned char* smem) {
+  constexpr int kVecs = 16 * sizeof(T) / 16;  // 16-byte vectors per group of 16 values
+  __shared__ float partial[32];
+  const int i = threadIdx.x, lane = threadIdx.x % 32;
+  const bool has = i < a.K / 16;
+  int4 xr[kVecs], gr[kVecs];
+  float ss = 0.f;
+  if (has) {
+#pragma unroll
+    for (int h = 0; h < kVecs; ++h) {
+      xr[h] = load<Block::kCoherent>(reinterpret_cast<const int4*>(static_cast<const T*>(a.x) + i * 16) + h);
+      gr[h] = reinterpret_cast<const int4*>(static_cast<const T*>(a.norm) + i * 16)[h];
+    }
+    const T* xv = reinterpret_cast<const T*>(xr);
+#pragma unroll
+    for (int j = 0; j < 16; ++j) ss += to_float(xv[j]) * to_float(xv[j]);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) ss += __shfl_xor_sync(0xffffffff, ss, off);
+  if (lane == 0) partial[threadIdx.x / 32] = ss;
+  Block::sync();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < Block::threads() / 32; ++w) total += partial[w];
+  const float inv_rms = rsqrtf(total / a.K + a.eps);
+  if (has) {
+    const T* xv = reinterpret_cast<const T*>(xr);
+    const T* g = reinterpret_cast<const T*>(gr);
+    float v[16];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) v[j] = round_to<T>(round_to<T>(to_float(xv[j]) * inv_rms) * to_float(g[j]));
+    store_staged<T, W>(smem, i, 1, a.K, v);
+  }
+  Block::sync();  // staged; and partial may be written again
 }
 
 // The dot product of one 16-byte chunk of weights wv (chunk c of its row) with row m of act(x)

@@ -149,46 +149,6 @@ __device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes) {
   for (; c < end; c += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(c));
 }
 
-// RMSNorm staging for the step's one row of x, K <= 16 x the consumer threads: each thread
-// loads its 16 values of x and of the norm weights at once and keeps them while the block sums
-// the squares, so that staging costs one round trip to L2 (stage_activations takes two).
-template <typename T, typename W>
-__device__ void stage_rmsnorm_row(const GemvArgs& a, unsigned char* smem) {
-  constexpr int kVecs = 16 * sizeof(T) / 16;  // 16-byte vectors per group of 16 values
-  __shared__ float partial[kStepWarps];
-  const int i = threadIdx.x, lane = threadIdx.x % 32;
-  const bool has = i < a.K / 16;
-  int4 xr[kVecs], gr[kVecs];
-  float ss = 0.f;
-  if (has) {
-#pragma unroll
-    for (int h = 0; h < kVecs; ++h) {
-      xr[h] = __ldcg(reinterpret_cast<const int4*>(static_cast<const T*>(a.x) + i * 16) + h);
-      gr[h] = reinterpret_cast<const int4*>(static_cast<const T*>(a.norm) + i * 16)[h];
-    }
-    const T* xv = reinterpret_cast<const T*>(xr);
-#pragma unroll
-    for (int j = 0; j < 16; ++j) ss += to_float(xv[j]) * to_float(xv[j]);
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) ss += __shfl_xor_sync(0xffffffff, ss, off);
-  if (lane == 0) partial[threadIdx.x / 32] = ss;
-  StepBlock::sync();
-  float total = 0.f;
-#pragma unroll
-  for (int w = 0; w < kStepWarps; ++w) total += partial[w];
-  const float inv_rms = rsqrtf(total / a.K + a.eps);
-  if (has) {
-    const T* xv = reinterpret_cast<const T*>(xr);
-    const T* g = reinterpret_cast<const T*>(gr);
-    float v[16];
-#pragma unroll
-    for (int j = 0; j < 16; ++j) v[j] = round_to<T>(round_to<T>(to_float(xv[j]) * inv_rms) * to_float(g[j]));
-    store_staged<T, W>(smem, i, 1, a.K, v);
-  }
-  StepBlock::sync();  // staged; and partial may be written again
-}
-
 struct StepRing {
   const int4* chunks;  // slots * kPieceChunks 16-byte chunks
   uint64_t* full;      // per slot: its piece has landed
@@ -207,7 +167,7 @@ __device__ void step_gemv(const GemvArgs& a, int row_lanes, const StepRing& ring
   constexpr int E = 16 / sizeof(W);
   constexpr bool kQ8 = sizeof(W) == 1;
   if (kAct == Act::kRmsNorm && a.K <= 16 * kStepWarps * 32)
-    stage_rmsnorm_row<T, W>(a, work);
+    stage_rmsnorm_row<T, W, StepBlock>(a, work);
   else
     stage_activations<T, W, kAct, StepBlock>(a, work);
   mark(false);  // staged
