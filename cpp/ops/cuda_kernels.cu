@@ -300,8 +300,6 @@ bool launch_gemv_stream(GemvArgs& a) {
   return true;
 }
 
-// Launches one GEMV instance over a grid sized to what fits on the device at once, so that
-// act(x) is staged once per resident block and every warp takes the same number of rows.
 // BABYRT_ATTN_EARLY=1 (read once): attention copies the K and V rows of the filled slots before
 // its PDL wait, and every GEMV lets the next kernel launch only after its own wait, which is
 // what makes that copy safe (see attention_decode_kernel). Opt-in until measured on the GPU.
@@ -313,6 +311,8 @@ bool attention_early() {
   return on;
 }
 
+// Launches one GEMV instance over a grid sized to what fits on the device at once, so that
+// act(x) is staged once per resident block and every warp takes the same number of rows.
 template <typename T, typename W, typename S, Act kAct>
 bool launch_gemv(GemvArgs a) {
   a.launch_after_wait = attention_early();
@@ -460,10 +460,11 @@ template <typename T, bool kEarly>
 __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs a) {
   extern __shared__ float smem[];  // see attend_smem_bytes, then the early rows
   T* rows = nullptr;
+  int64_t p = -1;
   if constexpr (kEarly) {
     constexpr int E = 16 / sizeof(T);
     const int b = blockIdx.y, kvh = blockIdx.x / (a.H / a.KV);
-    const int64_t p = __ldcg(a.positions + b);
+    p = __ldcg(a.positions + b);
     if (p >= 0 && p < a.S && p < a.early_slots) {  // slots 0..p fit
       rows = reinterpret_cast<T*>(reinterpret_cast<char*>(smem) + early_rows_offset(a.S, a.D));
       const int64_t off = (static_cast<int64_t>(b) * a.KV + kvh) * a.S * a.D;
@@ -480,7 +481,12 @@ __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs
   }
   allow_next_launch();
   wait_for_inputs();
-  if constexpr (kEarly) cp_async_wait_all();  // attend's first sync publishes all the copies
+  if constexpr (kEarly) {
+    cp_async_wait_all();  // attend's first sync publishes all the copies
+    // Defensive: if the position moved since the copy (a caller that breaks the launch order
+    // above), the slots are read from the cache instead.
+    if (rows && a.positions[blockIdx.y] != p) rows = nullptr;
+  }
   attend<T, kAttnThreads, WholeBlock, kEarly>(a, blockIdx.x, blockIdx.y, smem, rows);
 }
 
