@@ -283,7 +283,8 @@ __device__ __forceinline__ void stage_activations(const GemvArgs& a, unsigned ch
 // stage_activations for RMSNorm of one row of x (M = 1), K <= 16 x the Block's threads: each
 // thread loads its 16 values of x and of the norm weights at once and keeps them while the
 // block sums the squares, so that staging costs one round trip to L2 (stage_activations takes
-// two: x, then the norm weights). Roundings as stage_activations'.
+// two: x, then the norm weights). Roundings as stage_activations' (the squares summed in
+// another order).
 template <typename T, typename W, typename Block>
 __device__ void stage_rmsnorm_row(const GemvArgs& a, unsigned char* smem) {
   constexpr int kVecs = 16 * sizeof(T) / 16;  // 16-byte vectors per group of 16 values
