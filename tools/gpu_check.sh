@@ -20,6 +20,17 @@ echo "libstdc++ symbols defined in libbabyrt: $(nm -D --defined-only "$lib" | gr
 grep -o -- "-static[^ ]*\|[^ ]*stdc++[^ ]*" build/*/CMakeFiles/babyrt.dir/link.txt | sort -u | head
 cd /tmp  # import the installed package, not the source tree
 repo=$OLDPWD
+# babyrt bench (bf16 and int8) per shape once per setting given, same build and machine: each
+# setting "none" or comma-separated NAME=VALUE environment variables.
+bench_settings() {
+  for shape in ${BENCH_SHAPES:-stories15M stories110M 1b-gqa}; do
+    for v in "$@"; do
+      settings=(); [[ $v != none ]] && IFS=, read -ra settings <<< "$v"
+      env "${settings[@]}" timeout 150 babyrt bench --shape $shape --device cuda --quantize int8 \
+        --no-peers --json "$OUT/bench_${v//[=,]/_}_$shape.json" 2>&1 | grep -E '^\| *babyrt' | sed "s/^/$v /"
+    done
+  done
+}
 if [[ $what == *int8* || $what == all ]]; then
   python3 "$repo/benchmarks/int8_gemv_cuda.py" --json "$OUT/int8_gemv_cuda.json"
   BABYRT_PDL=0 python3 "$repo/benchmarks/int8_gemv_cuda.py" | sed 's/^/PDL off: /'
@@ -51,27 +62,14 @@ if [[ $what == *bench* || $what == all ]]; then
   done
 fi
 if [[ $what == *step* ]]; then
-  # The one-kernel decode step (BABYRT_DECODE_STEP=1) against the op-by-op kernels, bf16 and int8, the
-  # same build and machine; then its per-phase trace on stories15M.
-  for shape in ${BENCH_SHAPES:-stories15M stories110M 1b-gqa}; do
-    for on in 1 0; do
-      BABYRT_DECODE_STEP=$on timeout 150 babyrt bench --shape $shape --device cuda --quantize int8 \
-        --no-peers --json "$OUT/step${on}_$shape.json" 2>&1 | grep -E '^\| *babyrt' | sed "s/^/decode_step=$on /"
-    done
-  done
+  # The one-kernel decode step against the op-by-op kernels; then its per-phase trace on stories15M.
+  bench_settings BABYRT_DECODE_STEP=1 BABYRT_DECODE_STEP=0
   BABYRT_STEP_TRACE=1 BABYRT_DECODE_STEP=1 timeout 120 python3 "$repo/benchmarks/decode_step_trace.py" \
     --shape stories15M 2>&1 | grep -v Warning
 fi
 if [[ $what == *variants* ]]; then
-  # Opt-in variants of the op-by-op path against the default, bf16 and int8, same build and
-  # machine. VARIANTS: space-separated, each "none" or comma-separated NAME=VALUE settings.
-  for shape in ${BENCH_SHAPES:-stories15M stories110M 1b-gqa}; do
-    for v in ${VARIANTS:-none BABYRT_ATTN_EARLY=1 BABYRT_NORM_ONEPASS=1 BABYRT_ATTN_EARLY=1,BABYRT_NORM_ONEPASS=1}; do
-      settings=(); [[ $v != none ]] && IFS=, read -ra settings <<< "$v"
-      env "${settings[@]}" timeout 150 babyrt bench --shape $shape --device cuda --quantize int8 \
-        --no-peers 2>&1 | grep -E '^\| *babyrt' | sed "s/^/$v /"
-    done
-  done
+  # Opt-in variants of the op-by-op path against the default (VARIANTS: space-separated settings).
+  bench_settings ${VARIANTS:-none BABYRT_ATTN_EARLY=1 BABYRT_NORM_ONEPASS=1 BABYRT_ATTN_EARLY=1,BABYRT_NORM_ONEPASS=1}
 fi
 if [[ $what == *ncu* ]]; then
   # Warp stall reasons of the one-kernel step (stories15M), per kernel and per SASS instruction

@@ -92,14 +92,17 @@ __device__ __forceinline__ void load_floats(const T* p, float (&out)[N]) {
   for (int i = 0; i < N; ++i) out[i] = to_float(v[i]);
 }
 
+// Whether environment variable name is set to value (the kernels' opt-in and debug switches).
+inline bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v && std::strcmp(v, value) == 0;
+}
+
 // Launches kernel on the current stream with PDL and, when cluster > 1, thread-block clusters
 // of `cluster` blocks along x (grid.x must be a multiple of it).
 template <typename Kernel, typename... Args>
 void launch_clustered(Kernel kernel, dim3 grid, dim3 block, size_t smem, int cluster, Args... args) {
-  static const bool pdl = [] {
-    const char* v = std::getenv("BABYRT_PDL");
-    return !(v && std::strcmp(v, "0") == 0);
-  }();
+  static const bool pdl = !env_is("BABYRT_PDL", "0");
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;

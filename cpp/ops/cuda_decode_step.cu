@@ -482,8 +482,7 @@ at::Tensor decode_step_cuda(const at::Tensor& tokens, const at::Tensor& position
                             at::Tensor& v_cache, int64_t H, int64_t KV, double eps) {
   // Opt-in (BABYRT_DECODE_STEP=1), read per call: not yet faster than the op-by-op kernels
   // (docs/cuda-decode.md).
-  const char* flag = std::getenv("BABYRT_DECODE_STEP");
-  const bool enabled = flag && std::strcmp(flag, "1") == 0;
+  const bool enabled = env_is("BABYRT_DECODE_STEP", "1");
   const at::Tensor none = at::empty({0}, tokens.options().dtype(at::kFloat));
   const int64_t L = (static_cast<int64_t>(weights.size()) - 3) / 6;
   if (!enabled || L < 1 || L > kStepMaxLayers || weights.size() != static_cast<size_t>(3 + 6 * L) ||

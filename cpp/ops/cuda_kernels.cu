@@ -304,10 +304,7 @@ bool launch_gemv_stream(GemvArgs& a) {
 // its PDL wait, and every GEMV lets the next kernel launch only after its own wait, which is
 // what makes that copy safe (see attention_decode_kernel). Opt-in until measured on the GPU.
 bool attention_early() {
-  static const bool on = [] {
-    const char* v = std::getenv("BABYRT_ATTN_EARLY");
-    return v && std::strcmp(v, "1") == 0;
-  }();
+  static const bool on = env_is("BABYRT_ATTN_EARLY", "1");
   return on;
 }
 
@@ -316,17 +313,11 @@ bool attention_early() {
 template <typename T, typename W, typename S, Act kAct>
 bool launch_gemv(GemvArgs a) {
   a.launch_after_wait = attention_early();
-  static const bool one_pass = [] {
-    const char* v = std::getenv("BABYRT_NORM_ONEPASS");
-    return v && std::strcmp(v, "1") == 0;
-  }();
+  static const bool one_pass = env_is("BABYRT_NORM_ONEPASS", "1");
   a.one_pass_norm = one_pass;
   // BABYRT_GEMV=stream: the streamed kernel where it applies (int8 from 2 MB, Hopper). Not the
   // default: faster alone, slower inside a decode step (see the comment above it).
-  static const bool stream = [] {
-    const char* v = std::getenv("BABYRT_GEMV");
-    return v && std::strcmp(v, "stream") == 0;
-  }();
+  static const bool stream = env_is("BABYRT_GEMV", "stream");
   // int8 weights only: with float weights (twice the chunks a row) the consumers' math did not
   // keep up (H200: bf16 2048x5632 9.35 vs gemv_kernel's 7.97 us).
   if constexpr (sizeof(W) == 1)
