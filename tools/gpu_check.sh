@@ -69,7 +69,7 @@ if [[ $what == *step* ]]; then
 fi
 if [[ $what == *variants* ]]; then
   # Opt-in variants of the op-by-op path against the default (VARIANTS: space-separated settings).
-  bench_settings ${VARIANTS:-none BABYRT_ATTN_EARLY=1 BABYRT_NORM_ONEPASS=1 BABYRT_ATTN_EARLY=1,BABYRT_NORM_ONEPASS=1}
+  bench_settings ${VARIANTS:-none BABYRT_GEMV=stream}
 fi
 if [[ $what == *ncu* ]]; then
   # Warp stall reasons of the one-kernel step (stories15M), per kernel and per SASS instruction

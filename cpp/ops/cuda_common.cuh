@@ -178,13 +178,6 @@ struct GemvArgs {
   int ring_slots;        // gemv_stream_kernel: pieces of W its shared-memory ring holds
   int row_lanes;         // gemv_stream_kernel: lanes per row (32, 16 or 8; a warp takes 32 / it rows)
   bool y_float;          // y is fp32: the T result widened (the reference's cast)
-  // Let the next kernel launch only once this one's inputs are ready (after its PDL wait), so
-  // that everything before this kernel has finished when the next one starts: what the early
-  // attention relies on (BABYRT_ATTN_EARLY, attention_decode_kernel).
-  bool launch_after_wait;
-  // gemv_kernel stages RMSNorm of one row in one round trip (stage_rmsnorm_row) where it fits.
-  // Opt-in (BABYRT_NORM_ONEPASS=1) until measured on the GPU; decode_step always does.
-  bool one_pass_norm;
 };
 
 // Shared memory the GEMV stages act(x) in: as T for float weights; as int8 with one fp32 scale
@@ -479,7 +472,7 @@ struct AttnArgs {
   void* v_cache;
   void* out;                 // [B, 1, H D]
   int H, KV, D, S, P;
-  int early_slots;  // attention_decode_kernel: K and V rows it may copy before its PDL wait (0: none)
+  int early_slots;  // attention_decode_kernel: K and V rows it copies before its PDL wait (0: none)
 };
 
 // Reduction of one float (max or sum) over the Block's threads.
@@ -509,8 +502,8 @@ __host__ __device__ constexpr size_t attend_smem_bytes(int S, int D, int threads
 // to it, into out. smem: attend_smem_bytes. kCopy: kv_copy (or null) is shared memory that
 // already holds the head's K rows of the slots before the position, and a.early_slots rows
 // further on its V rows; the new k and v go there too, and the slots are read from there
-// instead of the cache. (A template flag, so that the plain kernel reads the cache through
-// global loads, not through pointers chosen at run time.)
+// instead of the cache. (A template flag, so that decode_step, which copies nothing, reads the
+// cache through global loads, not through pointers chosen at run time.)
 template <typename T, int kThreads, typename Block, bool kCopy = false>
 __device__ void attend(const AttnArgs& a, int h, int b, float* smem, T* kv_copy = nullptr) {
   constexpr int E = 16 / sizeof(T);  // cache elements per 16-byte vector

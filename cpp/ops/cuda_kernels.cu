@@ -70,11 +70,10 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
   // The first weights before waiting: no kernel writes them, so these loads overlap the tail
   // of the previous kernel.
   if (first_row < a.N) load_batch(first_row, lane);
-  if (!a.launch_after_wait) allow_next_launch();
   wait_for_inputs();
-  if (a.launch_after_wait) allow_next_launch();
+  allow_next_launch();  // only after the wait: see attention_decode_kernel
   if constexpr (kAct == Act::kRmsNorm && sizeof(T) == 2) {  // fp32 x: 94 registers, left out
-    if (a.one_pass_norm && a.M == 1 && a.K <= 16 * kWarps * 32)
+    if (a.M == 1 && a.K <= 16 * kWarps * 32)  // one row: one round trip (stories15M +4%)
       stage_rmsnorm_row<T, W, WholeBlock>(a, smem);
     else
       stage_activations<T, W, kAct>(a, smem);
@@ -194,7 +193,6 @@ __global__ void __launch_bounds__(kStreamThreads, 2) gemv_stream_kernel(GemvArgs
   __syncthreads();
   if (threadIdx.x == 0)
     for (int p = 0; p < min(pieces, slots); ++p) issue(p);
-  if (!a.launch_after_wait) allow_next_launch();
   const int groups = a.K / a.group;
   S* scales = reinterpret_cast<S*>(smem + lay.scales);
   if constexpr (kQ8) {
@@ -202,7 +200,7 @@ __global__ void __launch_bounds__(kStreamThreads, 2) gemv_stream_kernel(GemvArgs
     for (int i = threadIdx.x; i < rows * groups; i += blockDim.x) scales[i] = src[i];
   }
   wait_for_inputs();
-  if (a.launch_after_wait) allow_next_launch();
+  allow_next_launch();  // only after the wait: see attention_decode_kernel
   stage_activations<T, W, kAct>(a, smem);  // ends with __syncthreads: the scales are in too
 
   if (warp == kStreamWarps) {  // the producer: each further piece once its slot is released
@@ -300,21 +298,10 @@ bool launch_gemv_stream(GemvArgs& a) {
   return true;
 }
 
-// BABYRT_ATTN_EARLY=1 (read once): attention copies the K and V rows of the filled slots before
-// its PDL wait, and every GEMV lets the next kernel launch only after its own wait, which is
-// what makes that copy safe (see attention_decode_kernel). Opt-in until measured on the GPU.
-bool attention_early() {
-  static const bool on = env_is("BABYRT_ATTN_EARLY", "1");
-  return on;
-}
-
 // Launches one GEMV instance over a grid sized to what fits on the device at once, so that
 // act(x) is staged once per resident block and every warp takes the same number of rows.
 template <typename T, typename W, typename S, Act kAct>
 bool launch_gemv(GemvArgs a) {
-  a.launch_after_wait = attention_early();
-  static const bool one_pass = env_is("BABYRT_NORM_ONEPASS", "1");
-  a.one_pass_norm = one_pass;
   // BABYRT_GEMV=stream: the streamed kernel where it applies (int8 from 2 MB, Hopper). Not the
   // default: faster alone, slower inside a decode step (see the comment above it).
   static const bool stream = env_is("BABYRT_GEMV", "stream");
@@ -439,46 +426,42 @@ at::Tensor swiglu_linear_cuda(const at::Tensor& gate_up, const at::Tensor& w,
 // ------------------------------------------------------------------ attention at decode
 // One block per (head, sequence).
 //
-// Early K and V (a.early_slots > 0, BABYRT_ATTN_EARLY=1): attention at decode is a chain of
-// round trips to L2 (q, k and v; K rows; V rows; ~5 us whatever the context), but the K and V
-// rows of the slots before the position were written by earlier steps. So before its PDL wait
-// the block copies them into shared memory (cp.async), and after the wait only q, k and v are
-// read from L2. Reading the position and the cache before the wait is safe only because every
-// GEMV (the kernel before this one: the QKV projection) then lets this kernel launch after its
-// own wait: by then every kernel before that GEMV has finished, the previous step's sampler
-// (which wrote the position) and attention (which wrote the last slot) included.
-template <typename T, bool kEarly>
+// Attention at decode is a chain of round trips to L2 (q, k and v; K rows; V rows; ~5 us
+// whatever the context), but the K and V rows of the slots before the position were written by
+// earlier steps. So before its PDL wait the block copies them into shared memory (cp.async), and
+// after the wait only q, k and v are read from L2 (H200: stories15M 8,900 -> 9,460 tok/s,
+// stories110M 3,456 -> 3,960). Reading the position and the cache before the wait is safe only
+// because every GEMV (the kernel before this one: the QKV projection) lets this kernel launch
+// after its own wait: by then every kernel before that GEMV has finished, the previous step's
+// sampler (which wrote the position) and attention (which wrote the last slot) included. Any
+// other kernel before this one (cuBLAS, a copy) does not trigger early launches at all.
+template <typename T>
 __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs a) {
   extern __shared__ float smem[];  // see attend_smem_bytes, then the early rows
+  constexpr int E = 16 / sizeof(T);
   T* rows = nullptr;
-  int64_t p = -1;
-  if constexpr (kEarly) {
-    constexpr int E = 16 / sizeof(T);
-    const int b = blockIdx.y, kvh = blockIdx.x / (a.H / a.KV);
-    p = __ldcg(a.positions + b);
-    if (p >= 0 && p < a.S && p < a.early_slots) {  // slots 0..p fit
-      rows = reinterpret_cast<T*>(reinterpret_cast<char*>(smem) + early_rows_offset(a.S, a.D));
-      const int64_t off = (static_cast<int64_t>(b) * a.KV + kvh) * a.S * a.D;
-      const int4* k_src = reinterpret_cast<const int4*>(static_cast<const T*>(a.k_cache) + off);
-      const int4* v_src = reinterpret_cast<const int4*>(static_cast<const T*>(a.v_cache) + off);
-      int4* k_dst = reinterpret_cast<int4*>(rows);
-      int4* v_dst = reinterpret_cast<int4*>(rows + static_cast<int64_t>(a.early_slots) * a.D);
-      const int n = static_cast<int>(p * a.D / E);  // 16-byte chunks of slots 0..p-1
-      for (int i = threadIdx.x; i < n; i += kAttnThreads) {
-        cp_async16(k_dst + i, k_src + i);
-        cp_async16(v_dst + i, v_src + i);
-      }
+  const int b = blockIdx.y, kvh = blockIdx.x / (a.H / a.KV);
+  const int64_t p = __ldcg(a.positions + b);
+  if (p >= 0 && p < a.S && p < a.early_slots) {  // slots 0..p fit
+    rows = reinterpret_cast<T*>(reinterpret_cast<char*>(smem) + early_rows_offset(a.S, a.D));
+    const int64_t off = (static_cast<int64_t>(b) * a.KV + kvh) * a.S * a.D;
+    const int4* k_src = reinterpret_cast<const int4*>(static_cast<const T*>(a.k_cache) + off);
+    const int4* v_src = reinterpret_cast<const int4*>(static_cast<const T*>(a.v_cache) + off);
+    int4* k_dst = reinterpret_cast<int4*>(rows);
+    int4* v_dst = reinterpret_cast<int4*>(rows + static_cast<int64_t>(a.early_slots) * a.D);
+    const int n = static_cast<int>(p * a.D / E);  // 16-byte chunks of slots 0..p-1
+    for (int i = threadIdx.x; i < n; i += kAttnThreads) {
+      cp_async16(k_dst + i, k_src + i);
+      cp_async16(v_dst + i, v_src + i);
     }
   }
   allow_next_launch();
   wait_for_inputs();
-  if constexpr (kEarly) {
-    cp_async_wait_all();  // attend's first sync publishes all the copies
-    // Defensive: if the position moved since the copy (a caller that breaks the launch order
-    // above), the slots are read from the cache instead.
-    if (rows && a.positions[blockIdx.y] != p) rows = nullptr;
-  }
-  attend<T, kAttnThreads, WholeBlock, kEarly>(a, blockIdx.x, blockIdx.y, smem, rows);
+  cp_async_wait_all();  // attend's first sync publishes all the copies
+  // Defensive: if the position moved since the copy (a caller that breaks the launch order
+  // above), the slots are read from the cache instead.
+  if (rows && a.positions[b] != p) rows = nullptr;
+  attend<T, kAttnThreads, WholeBlock, true>(a, blockIdx.x, b, smem, rows);
 }
 
 at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, const OptTensor& cos,
@@ -497,24 +480,27 @@ at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, co
                 cos->is_contiguous() && sin->is_contiguous()));
   if (!fits) return attention_reference(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
   at::Tensor out = at::empty({B, 1, H * D}, qkv.options());
-  size_t smem = attend_smem_bytes(S, D, kAttnThreads);
-  // Early K and V rows: as many slots as fit in kEarlyRowsBytes.
-  const int early_slots = attention_early()
-      ? static_cast<int>(std::min<int64_t>(S, kEarlyRowsBytes / (2 * D * qkv.element_size()))) : 0;
-  if (early_slots > 0) smem = early_rows_offset(S, D) + 2 * static_cast<size_t>(early_slots) * D * qkv.element_size();
-  AttnArgs a{qkv.const_data_ptr(), positions.const_data_ptr<int64_t>(),
-             cos ? cos->const_data_ptr<float>() : nullptr,
-             sin ? sin->const_data_ptr<float>() : nullptr, k_cache.mutable_data_ptr(),
-             v_cache.mutable_data_ptr(), out.mutable_data_ptr(), static_cast<int>(H),
-             static_cast<int>(KV), static_cast<int>(D), static_cast<int>(S),
-             cos ? static_cast<int>(cos->size(0)) : 0, early_slots};
   const c10::cuda::CUDAGuard guard(qkv.device());
   dispatch_float(dt, [&](auto ttag) {
     using CT = decltype(ttag);
-    auto kernel = early_slots > 0 ? attention_decode_kernel<CT, true> : attention_decode_kernel<CT, false>;
-    if (smem > 48 * 1024)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
+    auto kernel = attention_decode_kernel<CT>;
+    static const int max_smem =
+        kernel_room(kernel, [](int optin, int fixed) { return optin - fixed; }).smem;
+    // Early K and V rows: as many slots as fit in kEarlyRowsBytes and on the device (none
+    // where attend's own scores take the room: those slots are read from the cache).
+    const int64_t offset = early_rows_offset(S, D);
+    const int64_t room = std::min<int64_t>(kEarlyRowsBytes, max_smem - offset);
+    const int early_slots =
+        static_cast<int>(std::clamp<int64_t>(room / (2 * D * qkv.element_size()), 0, S));
+    const size_t smem = early_slots > 0
+        ? offset + 2 * static_cast<size_t>(early_slots) * D * qkv.element_size()
+        : attend_smem_bytes(S, D, kAttnThreads);
+    AttnArgs a{qkv.const_data_ptr(), positions.const_data_ptr<int64_t>(),
+               cos ? cos->const_data_ptr<float>() : nullptr,
+               sin ? sin->const_data_ptr<float>() : nullptr, k_cache.mutable_data_ptr(),
+               v_cache.mutable_data_ptr(), out.mutable_data_ptr(), static_cast<int>(H),
+               static_cast<int>(KV), static_cast<int>(D), static_cast<int>(S),
+               cos ? static_cast<int>(cos->size(0)) : 0, early_slots};
     launch(kernel, dim3(H, B), dim3(kAttnThreads), smem, a);
   });
   return out;
