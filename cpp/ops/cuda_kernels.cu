@@ -37,12 +37,15 @@ __host__ __device__ constexpr size_t early_rows_offset(int S, int D) {
 // T: dtype of x and y. W: weight element (T, or int8_t with scales S).
 //
 // Each block first stages act(x) in shared memory (once per block), then each warp streams
-// rows_per_warp rows of W: a lane reads 16-byte chunks lane, lane + 32, ... of a row, kBatch
-// at a time, so every weight byte is read once, in full lines, with many bytes in flight.
+// rows of W, 32 / L at a time (L = a.row_lanes lanes a row, 32 for long rows): a lane reads
+// 16-byte chunks col, col + L, ... of its row, kBatch at a time, so every weight byte is read
+// once, in full lines, with many bytes in flight. Short rows take fewer lanes so that a warp's
+// batch covers several rows: each round trip to HBM then brings a warp up to 4 KB, not one
+// short row (the classifier, 32000 rows of 288 or 768, took 11 round trips a warp at L 32).
 // int8 weights meet x quantized to int8 (one scale per 16 values): four DP4A per 16 weights
 // instead of 16 int-to-float conversions, which would cap the kernel below HBM speed.
 template <typename T, typename W, typename S, Act kAct>
-__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
+__global__ void __launch_bounds__(kWarps * 32, 3) gemv_kernel(GemvArgs a) {
   extern __shared__ int4 staged[];  // act(x), see gemv_smem_bytes
   unsigned char* smem = reinterpret_cast<unsigned char*>(staged);
   constexpr int E = 16 / sizeof(W);  // weights per 16-byte chunk
@@ -50,7 +53,9 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int chunks = a.K / E;
   const int warps = gridDim.x * kWarps;
-  const int first_row = blockIdx.x * kWarps + warp;
+  const int L = a.row_lanes, per_warp = 32 / L, sub = lane / L, col = lane % L;
+  // This lane's row in the warp's r-th group of rows.
+  auto row_of = [&](int r) { return ((blockIdx.x * kWarps + warp) + r * warps) * per_warp + sub; };
 
   int4 wv[kBatch];
   float sv[kBatch];
@@ -61,15 +66,15 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
                               static_cast<int64_t>(n) * (a.K / a.group) : nullptr;
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
-      const int c = c0 + u * 32;
-      const bool ok = c < chunks;
+      const int c = c0 + u * L;
+      const bool ok = n < a.N && c < chunks;
       wv[u] = ok ? __ldcs(row + c) : make_int4(0, 0, 0, 0);  // streamed: read once
       if constexpr (kQ8) sv[u] = ok ? to_float(srow[c * E / a.group]) : 0.f;
     }
   };
   // The first weights before waiting: no kernel writes them, so these loads overlap the tail
   // of the previous kernel.
-  if (first_row < a.N) load_batch(first_row, lane);
+  load_batch(row_of(0), col);
   wait_for_inputs();
   allow_next_launch();  // only after the wait: see attention_decode_kernel
   if constexpr (kAct == Act::kRmsNorm && sizeof(T) == 2) {  // fp32 x: 94 registers, left out
@@ -82,16 +87,16 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
   }
 
   for (int r = 0; r < a.rows_per_warp; ++r) {
-    const int n = first_row + r * warps;
-    if (n >= a.N) break;
+    const int n = row_of(r);
+    if (n - sub >= a.N) break;  // the warp's whole group is past the end
     float acc[kMaxRows];
 #pragma unroll
     for (int m = 0; m < kMaxRows; ++m) acc[m] = 0.f;
-    for (int c0 = lane; c0 < chunks; c0 += 32 * kBatch) {
-      if (r > 0 || c0 != lane) load_batch(n, c0);  // the first batch is already in flight
+    for (int c0 = col; c0 < chunks; c0 += L * kBatch) {
+      if (r > 0 || c0 != col) load_batch(n, c0);  // the first batch is already in flight
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
-        const int c = c0 + u * 32;
+        const int c = c0 + u * L;
         if (c >= chunks) break;
 #pragma unroll
         for (int m = 0; m < kMaxRows; ++m) {
@@ -104,9 +109,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
     for (int m = 0; m < kMaxRows; ++m) {
       if (m >= a.M) break;
       float v = acc[m];
-#pragma unroll
-      for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffff, v, off);
-      if (lane == 0) store_output<T>(a, m, n, v);
+      for (int off = L / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffff, v, off);
+      if (col == 0 && n < a.N) store_output<T>(a, m, n, v);
     }
   }
 }
@@ -323,10 +327,20 @@ bool launch_gemv(GemvArgs a) {
   // As many blocks as fit at once (measured on the H200: capping them at 2 or 1 per SM, so that
   // the next kernel's blocks could start early under PDL, was slower).
   per_sm = std::max(per_sm, 1);
-  const int64_t row_groups = (a.N + kWarps - 1) / kWarps;  // blocks if each warp took one row
   const int64_t resident = per_sm * static_cast<int64_t>(sms);
-  a.rows_per_warp = static_cast<int>((row_groups + resident - 1) / resident);
-  const int64_t blocks = (row_groups + a.rows_per_warp - 1) / a.rows_per_warp;
+  const int chunks = a.K / (16 / static_cast<int>(sizeof(W)));
+  // Blocks if each warp took one group of 32 / lanes rows, and the groups each warp then takes.
+  auto row_groups = [&](int lanes) { return (a.N + kWarps * (32 / lanes) - 1) / (kWarps * (32 / lanes)); };
+  auto rows_per_warp = [&](int lanes) { return (row_groups(lanes) + resident - 1) / resident; };
+  // Fewer lanes a row (down to 4) while a warp has more than one group of rows to take and
+  // half the lanes still cover a row in one batch.
+  a.row_lanes = 32;
+  while (a.row_lanes > 4 && rows_per_warp(a.row_lanes) > 1 &&
+         chunks <= (a.row_lanes / 2) * kBatch)
+    a.row_lanes /= 2;
+  a.rows_per_warp = static_cast<int>(rows_per_warp(a.row_lanes));
+  const int64_t row_groups_total = row_groups(a.row_lanes);
+  const int64_t blocks = (row_groups_total + a.rows_per_warp - 1) / a.rows_per_warp;
   launch(kernel, dim3(blocks), dim3(kWarps * 32), smem, a);
   return true;
 }
