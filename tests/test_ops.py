@@ -70,9 +70,11 @@ NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 # With BABYRT_GEMV=stream, int8 from 2 MB streams through the Hopper kernel's ring: one row per
 # warp (2048x5632), two (2560x2048), four (5632x2048), refills (11264x2048), 8 rows of x. The
 # default kernel gives short rows of tall matrices 16, 8 or 4 lanes (32000x288, 32000x768,
-# 9001x96: a row count that leaves a warp's last group part-empty, 3 rows of x).
+# 9001x96: a row count that leaves a warp's last group part-empty, 3 rows of x). With
+# BABYRT_GEMV=wide, int8 rows of 9 to 16 chunks a lane take 16 at once (2048x5632, 1000x8192).
 @pytest.mark.parametrize("M,N,K", [(1, 2048, 5632), (2, 5632, 2048), (8, 1000, 4096), (1, 2560, 2048),
-                                   (1, 11264, 2048), (1, 32000, 288), (1, 32000, 768), (3, 9001, 96)])
+                                   (1, 11264, 2048), (1, 32000, 288), (1, 32000, 768), (3, 9001, 96),
+                                   (1, 1000, 8192)])
 @pytest.mark.parametrize("weights", ["bf16", "int8", "int8-g32-bf16"])
 def test_cuda_linear_large_shapes(M, N, K, weights):
     """Decode-sized GEMVs, equal to the reference and the same bits every call."""
@@ -96,13 +98,16 @@ def test_cuda_linear_large_shapes(M, N, K, weights):
 
 
 @NEEDS_CUDA
-@pytest.mark.skipif(os.environ.get("BABYRT_GEMV") == "stream", reason="already running it")
-def test_cuda_streamed_gemv_variant():
-    """BABYRT_GEMV=stream picks the streamed GEMV (bulk copies into a shared-memory ring) for
-    int8 weights from 2 MB on Hopper: the CUDA linear tests pass with it too."""
+@pytest.mark.parametrize("variant", ["stream", "wide"])
+def test_cuda_gemv_variant(variant):
+    """The opt-in GEMVs pass the CUDA linear tests too. BABYRT_GEMV=stream: the streamed GEMV
+    (bulk copies into a shared-memory ring) for int8 weights from 2 MB on Hopper; =wide: 16
+    chunks a lane at 2 blocks an SM for int8 rows of 9 to 16 chunks a lane."""
+    if os.environ.get("BABYRT_GEMV"):
+        pytest.skip("already running a variant")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                         __file__, "-k", "cuda and (linear or fused)"],
-                       env={**os.environ, "BABYRT_GEMV": "stream"}, capture_output=True, text=True)
+                       env={**os.environ, "BABYRT_GEMV": variant}, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:]
 
 

@@ -34,6 +34,7 @@ bench_settings() {
 if [[ $what == *int8* || $what == all ]]; then
   python3 "$repo/benchmarks/int8_gemv_cuda.py" --json "$OUT/int8_gemv_cuda.json"
   BABYRT_PDL=0 python3 "$repo/benchmarks/int8_gemv_cuda.py" | sed 's/^/PDL off: /'
+  BABYRT_GEMV=wide python3 "$repo/benchmarks/int8_gemv_cuda.py" | sed 's/^/BABYRT_GEMV=wide: /'
 fi
 if [[ $what == *sweep* ]]; then
   mapfile -t specs < "$repo/${SWEEP_FILE:-tools/sweeps/llama2-ema.txt}"
@@ -69,7 +70,7 @@ if [[ $what == *step* ]]; then
 fi
 if [[ $what == *variants* ]]; then
   # Opt-in variants of the op-by-op path against the default (VARIANTS: space-separated settings).
-  bench_settings ${VARIANTS:-none BABYRT_GEMV=stream}
+  bench_settings ${VARIANTS:-none BABYRT_GEMV=wide BABYRT_GEMV=stream}
 fi
 if [[ $what == *ncu* ]]; then
   # Warp stall reasons of the one-kernel step (stories15M), per kernel and per SASS instruction

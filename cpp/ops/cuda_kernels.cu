@@ -44,8 +44,10 @@ __host__ __device__ constexpr size_t early_rows_offset(int S, int D) {
 // short row (the classifier, 32000 rows of 288 or 768, took 11 round trips a warp at L 32).
 // int8 weights meet x quantized to int8 (one scale per 16 values): four DP4A per 16 weights
 // instead of 16 int-to-float conversions, which would cap the kernel below HBM speed.
-template <typename T, typename W, typename S, Act kAct>
-__global__ void __launch_bounds__(kWarps * 32, 3) gemv_kernel(GemvArgs a) {
+//
+// kB: chunks a lane holds at once (kBatch, or 2 x kBatch for long int8 rows: see launch_gemv).
+template <typename T, typename W, typename S, Act kAct, int kB = kBatch>
+__global__ void __launch_bounds__(kWarps * 32, kB == kBatch ? 3 : 2) gemv_kernel(GemvArgs a) {
   extern __shared__ int4 staged[];  // act(x), see gemv_smem_bytes
   unsigned char* smem = reinterpret_cast<unsigned char*>(staged);
   constexpr int E = 16 / sizeof(W);  // weights per 16-byte chunk
@@ -57,15 +59,15 @@ __global__ void __launch_bounds__(kWarps * 32, 3) gemv_kernel(GemvArgs a) {
   // This lane's row in the warp's r-th group of rows.
   auto row_of = [&](int r) { return ((blockIdx.x * kWarps + warp) + r * warps) * per_warp + sub; };
 
-  int4 wv[kBatch];
-  float sv[kBatch];
+  int4 wv[kB];
+  float sv[kB];
   auto load_batch = [&](int n, int c0) {
     const int4* row = reinterpret_cast<const int4*>(static_cast<const W*>(a.w) +
                                                     static_cast<int64_t>(n) * a.K);
     const S* srow = kQ8 ? static_cast<const S*>(a.scales) +
                               static_cast<int64_t>(n) * (a.K / a.group) : nullptr;
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
+    for (int u = 0; u < kB; ++u) {
       const int c = c0 + u * L;
       const bool ok = n < a.N && c < chunks;
       wv[u] = ok ? __ldcs(row + c) : make_int4(0, 0, 0, 0);  // streamed: read once
@@ -92,10 +94,10 @@ __global__ void __launch_bounds__(kWarps * 32, 3) gemv_kernel(GemvArgs a) {
     float acc[kMaxRows];
 #pragma unroll
     for (int m = 0; m < kMaxRows; ++m) acc[m] = 0.f;
-    for (int c0 = col; c0 < chunks; c0 += L * kBatch) {
+    for (int c0 = col; c0 < chunks; c0 += L * kB) {
       if (r > 0 || c0 != col) load_batch(n, c0);  // the first batch is already in flight
 #pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
+      for (int u = 0; u < kB; ++u) {
         const int c = c0 + u * L;
         if (c >= chunks) break;
 #pragma unroll
@@ -304,16 +306,10 @@ bool launch_gemv_stream(GemvArgs& a) {
 
 // Launches one GEMV instance over a grid sized to what fits on the device at once, so that
 // act(x) is staged once per resident block and every warp takes the same number of rows.
-template <typename T, typename W, typename S, Act kAct>
-bool launch_gemv(GemvArgs a) {
-  // BABYRT_GEMV=stream: the streamed kernel where it applies (int8 from 2 MB, Hopper). Not the
-  // default: faster alone, slower inside a decode step (see the comment above it).
-  static const bool stream = env_is("BABYRT_GEMV", "stream");
-  // int8 weights only: with float weights (twice the chunks a row) the consumers' math did not
-  // keep up (H200: bf16 2048x5632 9.35 vs gemv_kernel's 7.97 us).
-  if constexpr (sizeof(W) == 1)
-    if (stream && launch_gemv_stream<T, W, S, kAct>(a)) return true;
-  auto kernel = gemv_kernel<T, W, S, kAct>;
+// one_round: only where every warp then has a single group of rows (else false, nothing run).
+template <typename T, typename W, typename S, Act kAct, int kB>
+bool launch_gemv_grid(GemvArgs a, bool one_round) {
+  auto kernel = gemv_kernel<T, W, S, kAct, kB>;
   const size_t smem = gemv_smem_bytes<T, W>(a.M, a.K);
   // The dynamic shared memory a block may take: the device's opt-in limit less the kernel's
   // static shared memory (set once per kernel; the default limit is 48 KB).
@@ -335,14 +331,37 @@ bool launch_gemv(GemvArgs a) {
   // Fewer lanes a row (down to 4) while a warp has more than one group of rows to take and
   // half the lanes still cover a row in one batch.
   a.row_lanes = 32;
-  while (a.row_lanes > 4 && rows_per_warp(a.row_lanes) > 1 &&
-         chunks <= (a.row_lanes / 2) * kBatch)
+  while (a.row_lanes > 4 && rows_per_warp(a.row_lanes) > 1 && chunks <= (a.row_lanes / 2) * kB)
     a.row_lanes /= 2;
   a.rows_per_warp = static_cast<int>(rows_per_warp(a.row_lanes));
-  const int64_t row_groups_total = row_groups(a.row_lanes);
-  const int64_t blocks = (row_groups_total + a.rows_per_warp - 1) / a.rows_per_warp;
+  if (one_round && a.rows_per_warp > 1) return false;
+  const int64_t blocks = (row_groups(a.row_lanes) + a.rows_per_warp - 1) / a.rows_per_warp;
   launch(kernel, dim3(blocks), dim3(kWarps * 32), smem, a);
   return true;
+}
+
+template <typename T, typename W, typename S, Act kAct>
+bool launch_gemv(GemvArgs a) {
+  // BABYRT_GEMV=stream: the streamed kernel where it applies (int8 from 2 MB, Hopper). Not the
+  // default: faster alone, slower inside a decode step (see the comment above it).
+  // BABYRT_GEMV=wide (opt-in until measured on the GPU): int8 rows of 9 to 16 chunks a lane
+  // (K 4,097 to 8,192, e.g. 1B's 2048x5632) take 16 chunks a lane at 2 blocks an SM where that
+  // gives every warp one row: one round trip to HBM where 8 at a time took two (5.29 us, 54%
+  // of copy, against 4.17 us for 5632x2048, whose rows take one).
+  static const bool stream = env_is("BABYRT_GEMV", "stream");
+  static const bool wide = env_is("BABYRT_GEMV", "wide");
+  if constexpr (sizeof(W) == 1) {
+    // int8 weights only: with float weights (twice the chunks a row) the consumers' math did
+    // not keep up (H200: bf16 2048x5632 9.35 vs gemv_kernel's 7.97 us).
+    if (stream && launch_gemv_stream<T, W, S, kAct>(a)) return true;
+    if constexpr (sizeof(T) == 2) {
+      const int chunks = a.K / 16;
+      if (wide && a.M == 1 && chunks > 32 * kBatch && chunks <= 64 * kBatch &&
+          launch_gemv_grid<T, W, S, kAct, 2 * kBatch>(a, true))
+        return true;
+    }
+  }
+  return launch_gemv_grid<T, W, S, kAct, kBatch>(a, false);
 }
 
 // Runs the GEMV kernel when it covers the call; false otherwise (the caller falls back).
