@@ -176,7 +176,7 @@ struct GemvArgs {
   int M, N, K, group;
   int rows_per_warp;     // gemv_kernel: rows of W each warp takes (the grid covers N with them)
   int ring_slots;        // gemv_stream_kernel: pieces of W its shared-memory ring holds
-  int row_lanes;         // gemv_stream_kernel: lanes per row (32, 16 or 8; a warp takes 32 / it rows)
+  int row_lanes;         // lanes per row (gemv_kernel 32 to 4, gemv_stream_kernel 32 to 8; a warp takes 32 / it rows)
   bool y_float;          // y is fp32: the T result widened (the reference's cast)
 };
 
