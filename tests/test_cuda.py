@@ -248,18 +248,13 @@ def test_cuda_decode_step_declines_what_it_does_not_cover(monkeypatch):
     assert torch.ops.babyrt.decode_step(*args).numel() == 0
 
 
-def _assert_same_greedy_with_and_without(flag: str, artifact) -> None:
-    """Greedy bf16 generation through graphs gives the same text with flag=1 and flag=0 (a
-    subprocess each: the flags are read once, and a fresh process captures its own graphs)."""
+def test_cuda_generation_with_and_without_the_one_kernel_step(trained_artifact):
+    """Greedy bf16 generation through graphs of one-kernel steps equals the op-by-op steps' (a
+    subprocess each: the flag is read once, and a fresh process captures its own graphs)."""
     code = ("import babyrt, sys; rt = babyrt.load(sys.argv[1], device='cuda', dtype='bf16'); "
             "print(repr(rt.generate('The ', max_new_tokens=48, temperature=0)))")
-    runs = [subprocess.run([sys.executable, "-c", code, str(artifact)], capture_output=True,
-                           text=True, env={**os.environ, flag: value}, timeout=300)
+    runs = [subprocess.run([sys.executable, "-c", code, str(trained_artifact)], capture_output=True,
+                           text=True, env={**os.environ, "BABYRT_DECODE_STEP": value}, timeout=300)
             for value in ("1", "0")]
     assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
     assert runs[0].stdout == runs[1].stdout and len(runs[0].stdout) > 10
-
-
-def test_cuda_generation_with_and_without_the_one_kernel_step(trained_artifact):
-    """Greedy bf16 generation through graphs of one-kernel steps equals the op-by-op steps'."""
-    _assert_same_greedy_with_and_without("BABYRT_DECODE_STEP", trained_artifact)
