@@ -98,12 +98,13 @@ def test_cuda_device_sampling(trained_artifact):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("M", [1, 3, 8, 20])
 @pytest.mark.parametrize("N", [864, 9001])
 def test_cuda_fused_decode_ops_match_references(dtype, M, N):
     """The GEMV kernels with their RMSNorm / SwiGLU prologues and residual epilogue, float and
     int8 weights, against the ATen references run on the same inputs. 9001 rows of 288 take 8
-    lanes a row (several rows a warp, the last group part-empty); 864 take 32."""
+    lanes a row (several rows a warp, the last group part-empty); 864 take 32. 20 rows of x (a
+    short prompt's prefill) run as launches of 8, 8 and 4."""
     from babyrt.quantize import quantize_weight
     ops = torch.ops.babyrt
     torch.manual_seed(M)
@@ -150,6 +151,31 @@ def test_cuda_decode_attention_matches_reference(dtype, H, KV, D):
     kr, vr = kr.float(), vr.float()  # the reference writes its cache in fp32
     want = reference_attention(qkv.float(), positions, cos, sin, kr, vr, H, KV)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got.float(), want, **tol)
+    torch.testing.assert_close(kc.float(), kr, **tol)
+    torch.testing.assert_close(vc.float(), vr, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H,KV,D", [(6, 6, 48), (32, 4, 64)])
+def test_cuda_prefill_attention_matches_reference(dtype, H, KV, D):
+    """Several tokens per sequence (the prefill kernel for RoPE and the cache writes, then
+    SDPA over the cache with grouped heads) against the reference path, cache included: two
+    sequences, one continuing at position 40 over slots already filled."""
+    from test_ops import reference_attention
+    from babyrt.training.models.layers import rope_tables
+    torch.manual_seed(H + D)
+    B, S, T = 2, 64, 16
+    cos, sin = (t.cuda() for t in rope_tables(D, S, 10000.0))
+    kc = torch.randn(B, KV, S, D, device="cuda", dtype=dtype)
+    vc = torch.randn_like(kc)
+    kr, vr = kc.float(), vc.float()  # the reference writes its cache in fp32
+    positions = torch.stack([torch.arange(T), torch.arange(40, 40 + T)]).cuda()
+    qkv = torch.randn(B, T, (H + 2 * KV) * D, device="cuda", dtype=dtype)
+    got = torch.ops.babyrt.attention(qkv, positions, cos, sin, kc, vc, H, KV)
+    want = reference_attention(qkv.float(), positions, cos, sin, kr, vr, H, KV)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    assert got.shape == (B, T, H * D) and got.dtype == dtype
     torch.testing.assert_close(got.float(), want, **tol)
     torch.testing.assert_close(kc.float(), kr, **tol)
     torch.testing.assert_close(vc.float(), vr, **tol)

@@ -32,9 +32,13 @@ bench_settings() {
   done
 }
 if [[ $what == *int8* || $what == all ]]; then
-  python3 "$repo/benchmarks/int8_gemv_cuda.py" --json "$OUT/int8_gemv_cuda.json"
-  BABYRT_PDL=0 python3 "$repo/benchmarks/int8_gemv_cuda.py" | sed 's/^/PDL off: /'
-  BABYRT_GEMV=wide python3 "$repo/benchmarks/int8_gemv_cuda.py" | sed 's/^/BABYRT_GEMV=wide: /'
+  # INT8_VARIANTS: settings to time besides the default (as for bench_settings); INT8_SHAPES.
+  shapes=${INT8_SHAPES:+--shapes $INT8_SHAPES}
+  python3 "$repo/benchmarks/int8_gemv_cuda.py" $shapes --json "$OUT/int8_gemv_cuda.json"
+  for v in ${INT8_VARIANTS:-BABYRT_PDL=0 BABYRT_GEMV=wide}; do
+    IFS=, read -ra settings <<< "$v"
+    env "${settings[@]}" python3 "$repo/benchmarks/int8_gemv_cuda.py" $shapes | sed "s/^/$v: /"
+  done
 fi
 if [[ $what == *sweep* ]]; then
   mapfile -t specs < "$repo/${SWEEP_FILE:-tools/sweeps/llama2-ema.txt}"

@@ -21,7 +21,8 @@
 namespace babyrt::ops {
 namespace {
 
-constexpr int kMaxRows = 8;      // rows of x a GEMV takes; more run as a GEMM (cuBLAS)
+constexpr int kMaxRows = 8;      // rows of x one GEMV launch takes
+constexpr int kMaxGemvRows = 32; // rows of x the GEMV takes, kMaxRows a launch; more: cuBLAS
 constexpr int kMaxHeadDim = 256;
 constexpr int64_t kMaxAttnSlots = 8192;  // scores of the filled slots live in shared memory
 constexpr int kPieceBytes = 16384;       // the unit of bulk weight copies

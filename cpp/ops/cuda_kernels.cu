@@ -1,7 +1,10 @@
-// CUDA kernels behind babyrt's ops, for decode (a few rows at a time). Built only when the
-// Torch found has CUDA. Shapes they do not cover (prefill, odd sizes) run the ATen references.
+// CUDA kernels behind babyrt's ops, for decode (a few rows at a time) and short prefills. Built
+// only when the Torch found has CUDA. Shapes they do not cover (long prompts, odd sizes) run the
+// ATen references.
 //
-// - gemv: y = act(x) @ W^T (+ residual) for M <= kMaxRows rows of x, W float (the dtype of x) or
+// - gemv: y = act(x) @ W^T (+ residual) for M <= kMaxGemvRows rows of x (kMaxRows a launch: a
+//   short prompt's prefill takes a few launches, not the ~10 ATen ops of the reference path,
+//   whose host time dominated prefill), W float (the dtype of x) or
 //   int8 with group scales. act is the identity, RMSNorm (rmsnorm_linear) or SwiGLU
 //   (swiglu_linear): each block computes it once into shared memory (int8 per 16 values for
 //   int8 weights), then its warps stream rows of W against it, so every weight byte is read once,
@@ -9,6 +12,7 @@
 //   weights from 2 MB on Hopper, gemv_stream_kernel (weights brought in by bulk copies).
 // - attention_decode: one token per sequence. RoPE on q and k, k and v written into the cache,
 //   softmax(q K^T / sqrt(D)) V over the filled slots only. One block per (head, sequence).
+//   Prefill (several tokens): RoPE and the cache writes in one kernel, then ATen's SDPA.
 // - embedding: a token's row, gathered, dequantized (int8 tables) and cast, one kernel.
 // - greedy_advance: argmax of the logits and the decode loop's bookkeeping, one kernel.
 //
@@ -370,7 +374,7 @@ bool try_gemv(Act act, const at::Tensor& x, const at::Tensor& w, const OptTensor
               const at::Tensor* norm, double eps, const OptTensor& residual, at::Tensor& y) {
   const int64_t K = w.size(1), N = w.size(0);
   const int64_t M = x.numel() / x.size(-1);
-  if (M < 1 || M > kMaxRows || N == 0 || K == 0 || K >= (int64_t{1} << 30) ||
+  if (M < 1 || M > kMaxGemvRows || N == 0 || K == 0 || K >= (int64_t{1} << 30) ||
       N >= (int64_t{1} << 30) || !x.is_contiguous() || !w.is_contiguous() || !aligned16(x) ||
       !aligned16(w))
     return false;
@@ -392,27 +396,36 @@ bool try_gemv(Act act, const at::Tensor& x, const at::Tensor& w, const OptTensor
   if (norm && (norm->scalar_type() != T || !norm->is_contiguous() || !aligned16(*norm))) return false;
   if (residual && (!residual->is_contiguous() || residual->scalar_type() != T)) return false;
 
-  GemvArgs a{w.const_data_ptr(), q8 ? scales->const_data_ptr() : nullptr, x.const_data_ptr(),
-             norm ? norm->const_data_ptr() : nullptr,
-             residual ? residual->const_data_ptr() : nullptr, y.mutable_data_ptr(),
-             static_cast<float>(eps), static_cast<int>(M), static_cast<int>(N),
-             static_cast<int>(K), static_cast<int>(group), 1, 0, 32,
-             y.scalar_type() == at::kFloat && T != at::kFloat};
   const c10::cuda::CUDAGuard guard(x.device());
   bool launched = false;
-  dispatch_float(T, [&](auto ttag) {
-    using CT = decltype(ttag);
-    auto run = [&](auto wtag, auto stag) {
-      using WT = decltype(wtag);
-      using ST = decltype(stag);
-      switch (act) {
-        case Act::kNone: launched = launch_gemv<CT, WT, ST, Act::kNone>(a); break;
-        case Act::kRmsNorm: launched = launch_gemv<CT, WT, ST, Act::kRmsNorm>(a); break;
-        case Act::kSwiGlu: launched = launch_gemv<CT, WT, ST, Act::kSwiGlu>(a); break;
-      }
-    };
-    dispatch_weights<CT>(scales, run);
-  });
+  // kMaxRows rows of x (and of y and the residual) a launch. The first launch takes the most
+  // shared memory: if it runs, the others do.
+  for (int64_t m0 = 0; m0 < M && (m0 == 0 || launched); m0 += kMaxRows) {
+    const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
+    const GemvArgs a{
+        w.const_data_ptr(), q8 ? scales->const_data_ptr() : nullptr,
+        static_cast<const char*>(x.const_data_ptr()) + m0 * x.size(-1) * x.element_size(),
+        norm ? norm->const_data_ptr() : nullptr,
+        residual ? static_cast<const char*>(residual->const_data_ptr()) + m0 * N * residual->element_size()
+                 : nullptr,
+        static_cast<char*>(y.mutable_data_ptr()) + m0 * N * y.element_size(),
+        static_cast<float>(eps), static_cast<int>(rows), static_cast<int>(N),
+        static_cast<int>(K), static_cast<int>(group), 1, 0, 32,
+        y.scalar_type() == at::kFloat && T != at::kFloat};
+    dispatch_float(T, [&](auto ttag) {
+      using CT = decltype(ttag);
+      auto run = [&](auto wtag, auto stag) {
+        using WT = decltype(wtag);
+        using ST = decltype(stag);
+        switch (act) {
+          case Act::kNone: launched = launch_gemv<CT, WT, ST, Act::kNone>(a); break;
+          case Act::kRmsNorm: launched = launch_gemv<CT, WT, ST, Act::kRmsNorm>(a); break;
+          case Act::kSwiGlu: launched = launch_gemv<CT, WT, ST, Act::kSwiGlu>(a); break;
+        }
+      };
+      dispatch_weights<CT>(scales, run);
+    });
+  }
   return launched;
 }
 
@@ -497,12 +510,77 @@ __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs
   attend<T, kAttnThreads, WholeBlock, true>(a, blockIdx.x, b, smem, rows);
 }
 
+// ------------------------------------------------------------------ attention at prefill
+// Several tokens per sequence: RoPE on q and k of every token, k and v into the cache at the
+// token's position, q (rotated) into a.out as [B, T, H, D]; at::scaled_dot_product_attention
+// then attends over the cache. One block per token. (The decode kernel cannot take these: a
+// token would read slots that the same launch's other tokens are writing.) The roundings are
+// the decode kernel's.
+template <typename T>
+__global__ void __launch_bounds__(128) rope_cache_write_kernel(AttnArgs a, int tokens) {
+  wait_for_inputs();
+  const int64_t bt = blockIdx.x, b = bt / tokens, p = a.positions[bt];
+  const int D = a.D, half = D / 2;
+  const bool ok = p >= 0 && p < a.S && (!a.cos || p < a.P);  // the runtime never asks otherwise
+  const T* row = static_cast<const T*>(a.qkv) + bt * (a.H + 2 * a.KV) * D;
+  T* q = static_cast<T*>(a.out) + bt * a.H * D;
+  auto slot = [&](void* cache, int kvh) {
+    return static_cast<T*>(cache) + ((b * a.KV + kvh) * a.S + p) * D;
+  };
+  for (int i = threadIdx.x; i < (a.H + a.KV) * half; i += blockDim.x) {
+    const int head = i / half, j = i % half;
+    const float x0 = to_float(row[head * D + 2 * j]), x1 = to_float(row[head * D + 2 * j + 1]);
+    float y0 = x0, y1 = x1;
+    if (a.cos && ok) {
+      const float c = a.cos[p * half + j], s = a.sin[p * half + j];
+      y0 = x0 * c - x1 * s;
+      y1 = x0 * s + x1 * c;
+    }
+    T* dst = head < a.H ? q + head * D : ok ? slot(a.k_cache, head - a.H) : nullptr;
+    if (dst) dst[2 * j] = from_float<T>(y0), dst[2 * j + 1] = from_float<T>(y1);
+  }
+  if (ok)
+    for (int i = threadIdx.x; i < a.KV * D; i += blockDim.x)
+      slot(a.v_cache, i / D)[i % D] = row[(a.H + a.KV) * D + i];
+}
+
+at::Tensor attention_prefill_cuda(const at::Tensor& qkv, const at::Tensor& positions,
+                                  const OptTensor& cos, const OptTensor& sin, at::Tensor& k_cache,
+                                  at::Tensor& v_cache, int64_t H, int64_t KV) {
+  const int64_t B = qkv.size(0), T = qkv.size(1), D = k_cache.size(3), S = k_cache.size(2);
+  at::Tensor q = at::empty({B, T, H, D}, qkv.options());
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  dispatch_float(qkv.scalar_type(), [&](auto ttag) {
+    using CT = decltype(ttag);
+    AttnArgs a{qkv.const_data_ptr(), positions.const_data_ptr<int64_t>(),
+               cos ? cos->const_data_ptr<float>() : nullptr,
+               sin ? sin->const_data_ptr<float>() : nullptr, k_cache.mutable_data_ptr(),
+               v_cache.mutable_data_ptr(), q.mutable_data_ptr(), static_cast<int>(H),
+               static_cast<int>(KV), static_cast<int>(D), static_cast<int>(S),
+               cos ? static_cast<int>(cos->size(0)) : 0, 0};
+    launch(rope_cache_write_kernel<CT>, dim3(B * T), dim3(128), 0, a, static_cast<int>(T));
+  });
+  // Slots up to each token's position; grouped heads share their kv head (no repeated cache).
+  const at::Tensor mask =
+      at::arange(S, positions.options()).view({1, 1, 1, S}) <= positions.view({B, 1, T, 1});
+  const at::Tensor y = at::scaled_dot_product_attention(q.transpose(1, 2), k_cache, v_cache, mask,
+                                                        0.0, false, std::nullopt, H != KV);
+  return y.transpose(1, 2).reshape({B, T, H * D});
+}
+
 at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, const OptTensor& cos,
                           const OptTensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
                           int64_t H, int64_t KV) {
   check_attention(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
   const int64_t B = qkv.size(0), T = qkv.size(1), D = k_cache.size(3), S = k_cache.size(2);
   const auto dt = qkv.scalar_type();
+  const bool prefill_fits =
+      T > 1 && (dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16) && D % 2 == 0 &&
+      B * T < (int64_t{1} << 31) && qkv.is_contiguous() && positions.is_contiguous() &&
+      k_cache.is_contiguous() && v_cache.is_contiguous() &&
+      (!cos || (cos->scalar_type() == at::kFloat && sin->scalar_type() == at::kFloat &&
+                cos->is_contiguous() && sin->is_contiguous()));
+  if (prefill_fits) return attention_prefill_cuda(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
   const int64_t E = 16 / qkv.element_size();
   const bool fits =
       T == 1 && (dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16) && D % E == 0 &&
