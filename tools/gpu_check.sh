@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build babyrt with CUDA, run the CUDA tests, and run the GPU
 # benchmarks. Results land in $OUT (or ./gpu_out).
-# Usage: bash tools/gpu_check.sh [tests|int8|bench|step|variants|ncu|profile|seed|sweep|mfu|all]...
+# Usage: bash tools/gpu_check.sh [tests|int8|bench|step|variants|ncu|gemv-ncu|profile|seed|sweep|mfu|all]...
 #   step: the one-kernel decode step on and off per shape, and its per-phase trace; ncu: its
 #   warp stall reasons under Nsight Compute; variants: the opt-in kernel variants (VARIANTS).
+#   gemv-ncu: one int8 GEMV call per shape of INT8_SHAPES under Nsight Compute.
 #   profile: the kernels of a decode step, per shape (benchmarks/cuda_decode_profile.py), with
 #   PDL off so that kernel durations do not overlap.
 #   sweep: tools/seed_sweep.py over the specs in $SWEEP_FILE (one NAME:PRESET:JSON per line), all
@@ -76,7 +77,7 @@ if [[ $what == *variants* ]]; then
   # Opt-in variants of the op-by-op path against the default (VARIANTS: space-separated settings).
   bench_settings ${VARIANTS:-none BABYRT_GEMV=wide BABYRT_GEMV=stream}
 fi
-if [[ $what == *ncu* ]]; then
+if [[ " $what " == *" ncu "* ]]; then
   # Warp stall reasons of the one-kernel step (stories15M), per kernel and per SASS instruction
   # (sampled): "no_instruction" is instruction fetch, "barrier" the block's syncs.
   BABYRT_DECODE_STEP=1 timeout 300 ncu --clock-control none -k regex:decode_step_kernel -s 5 -c 1 \
@@ -94,6 +95,19 @@ stalls = [(float(v.replace(",", "")), k) for k, v in zip(rows[0], rows[-1])
 for v, k in sorted(stalls, reverse=True)[:14]:
     print(f"{v:8.3f} {k}")
 PY
+fi
+if [[ $what == *gemv-ncu* ]]; then
+  # One int8 GEMV call per shape under Nsight Compute (in isolation, so without PDL overlap):
+  # DRAM throughput, memory and warp stall breakdowns, for the shapes of the 70% bar.
+  ncu_shapes=${INT8_SHAPES:-2048x5632,5632x2048}
+  for shape in ${ncu_shapes//,/ }; do
+    timeout 150 ncu --clock-control none --kernel-name-base demangled -k 'regex:gemv_kernel<.*signed char' \
+      -s 5 -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+      --section Occupancy --section LaunchStats \
+      python3 "$repo/benchmarks/int8_gemv_cuda.py" --shapes "$shape" > "$OUT/ncu_gemv_$shape.txt" 2>&1
+    grep -E "Duration|DRAM Throughput|Memory Throughput|Registers|Achieved Occupancy|Stall|Warp Cycles" \
+      "$OUT/ncu_gemv_$shape.txt" | sed "s/^/$shape: /" | head -30
+  done
 fi
 if [[ $what == *profile* ]]; then
   for shape in ${BENCH_SHAPES:-stories15M stories110M 1b-gqa}; do
