@@ -574,21 +574,19 @@ at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, co
   check_attention(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
   const int64_t B = qkv.size(0), T = qkv.size(1), D = k_cache.size(3), S = k_cache.size(2);
   const auto dt = qkv.scalar_type();
-  const bool prefill_fits =
-      T > 1 && (dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16) && D % 2 == 0 &&
-      B * T < (int64_t{1} << 31) && qkv.is_contiguous() && positions.is_contiguous() &&
-      k_cache.is_contiguous() && v_cache.is_contiguous() &&
+  // What both kernels need; the decode kernel also bounds the head size, the slots (its scores
+  // live in shared memory) and the batch (its grid's y), and reads the cache in 16-byte vectors.
+  const bool common =
+      (dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16) && D % 2 == 0 &&
+      qkv.is_contiguous() && positions.is_contiguous() && k_cache.is_contiguous() &&
+      v_cache.is_contiguous() &&
       (!cos || (cos->scalar_type() == at::kFloat && sin->scalar_type() == at::kFloat &&
                 cos->is_contiguous() && sin->is_contiguous()));
-  if (prefill_fits) return attention_prefill_cuda(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
+  if (common && T > 1 && B * T < (int64_t{1} << 31))
+    return attention_prefill_cuda(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
   const int64_t E = 16 / qkv.element_size();
-  const bool fits =
-      T == 1 && (dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16) && D % E == 0 &&
-      D % 2 == 0 && D <= kMaxHeadDim && S <= kMaxAttnSlots && B < 65536 && qkv.is_contiguous() &&
-      positions.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-      aligned16(k_cache) && aligned16(v_cache) &&
-      (!cos || (cos->scalar_type() == at::kFloat && sin->scalar_type() == at::kFloat &&
-                cos->is_contiguous() && sin->is_contiguous()));
+  const bool fits = common && T == 1 && D % E == 0 && D <= kMaxHeadDim && S <= kMaxAttnSlots &&
+                    B < 65536 && aligned16(k_cache) && aligned16(v_cache);
   if (!fits) return attention_reference(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
   at::Tensor out = at::empty({B, 1, H * D}, qkv.options());
   const c10::cuda::CUDAGuard guard(qkv.device());
