@@ -21,13 +21,17 @@ echo "libstdc++ symbols defined in libbabyrt: $(nm -D --defined-only "$lib" | gr
 grep -o -- "-static[^ ]*\|[^ ]*stdc++[^ ]*" build/*/CMakeFiles/babyrt.dir/link.txt | sort -u | head
 cd /tmp  # import the installed package, not the source tree
 repo=$OLDPWD
-# babyrt bench (bf16 and int8) per shape once per setting given, same build and machine: each
-# setting "none" or comma-separated NAME=VALUE environment variables.
+# Runs a command under a setting: "none" or comma-separated NAME=VALUE environment variables.
+with_setting() {
+  local settings=()
+  [[ $1 != none ]] && IFS=, read -ra settings <<< "$1"
+  env "${settings[@]}" "${@:2}"
+}
+# babyrt bench (bf16 and int8) per shape once per setting given, same build and machine.
 bench_settings() {
   for shape in ${BENCH_SHAPES:-stories15M stories110M 1b-gqa}; do
     for v in "$@"; do
-      settings=(); [[ $v != none ]] && IFS=, read -ra settings <<< "$v"
-      env "${settings[@]}" timeout 150 babyrt bench --shape $shape --device cuda --quantize int8 \
+      with_setting "$v" timeout 150 babyrt bench --shape $shape --device cuda --quantize int8 \
         --no-peers --json "$OUT/bench_${v//[=,]/_}_$shape.json" 2>&1 | grep -E '^\| *babyrt' | sed "s/^/$v /"
     done
   done
@@ -37,8 +41,7 @@ if [[ $what == *int8* || $what == all ]]; then
   shapes=${INT8_SHAPES:+--shapes $INT8_SHAPES}
   python3 "$repo/benchmarks/int8_gemv_cuda.py" $shapes --json "$OUT/int8_gemv_cuda.json"
   for v in ${INT8_VARIANTS:-BABYRT_PDL=0 BABYRT_GEMV=wide}; do
-    IFS=, read -ra settings <<< "$v"
-    env "${settings[@]}" python3 "$repo/benchmarks/int8_gemv_cuda.py" $shapes | sed "s/^/$v: /"
+    with_setting "$v" python3 "$repo/benchmarks/int8_gemv_cuda.py" $shapes | sed "s/^/$v: /"
   done
 fi
 if [[ $what == *sweep* ]]; then
