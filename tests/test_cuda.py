@@ -100,15 +100,16 @@ def test_cuda_device_sampling(trained_artifact):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M", [1, 3, 8, 20])
 @pytest.mark.parametrize("N", [864, 9001])
-def test_cuda_fused_decode_ops_match_references(dtype, M, N):
+@pytest.mark.parametrize("K", [288, 5632])
+def test_cuda_fused_decode_ops_match_references(dtype, M, N, K):
     """The GEMV kernels with their RMSNorm / SwiGLU prologues and residual epilogue, float and
     int8 weights, against the ATen references run on the same inputs. 9001 rows of 288 take 8
-    lanes a row (several rows a warp, the last group part-empty); 864 take 32. 20 rows of x (a
+    lanes a row (several rows a warp, the last group part-empty); 864 take 32. Rows of 5632
+    take 32 lanes, and 12 chunks a lane for one row of x and per-channel int8. 20 rows of x (a
     short prompt's prefill) run as launches of 8, 8 and 4."""
     from babyrt.quantize import quantize_weight
     ops = torch.ops.babyrt
-    torch.manual_seed(M)
-    K = 288
+    torch.manual_seed(M + K)
     x = torch.randn(M, K, device="cuda", dtype=dtype)
     nw = (torch.rand(K, device="cuda") + 0.5).to(dtype)
     w = torch.randn(N, K, device="cuda", dtype=dtype) / K ** 0.5

@@ -72,6 +72,9 @@ NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 # default kernel gives short rows of tall matrices 16, 8 or 4 lanes (32000x288, 32000x768,
 # 9001x96: a row count that leaves a warp's last group part-empty, 3 rows of x). With
 # BABYRT_GEMV=wide, int8 rows of 9 to 16 chunks a lane take 16 at once (2048x5632, 1000x8192).
+# By default, per-channel int8 rows of 2048x5632 (one row of x) take 12 chunks a lane, and
+# per-channel rows that take a warp several round trips (11264x2048, 32000x288) one scale load
+# a batch.
 @pytest.mark.parametrize("M,N,K", [(1, 2048, 5632), (2, 5632, 2048), (8, 1000, 4096), (1, 2560, 2048),
                                    (1, 11264, 2048), (1, 32000, 288), (1, 32000, 768), (3, 9001, 96),
                                    (1, 1000, 8192)])

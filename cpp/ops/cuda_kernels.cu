@@ -30,6 +30,10 @@ namespace {
 
 constexpr int kWarps = 8;        // warps per block (each takes rows of W)
 constexpr int kBatch = 8;        // 16-byte weight chunks per lane in flight at once
+// Chunks a lane holds for one row of x against per-channel int8 rows of 257 to 384 chunks (K
+// 4,097 to 6,144, e.g. 1B's 2048x5632): every warp then reads its row in one round trip to HBM,
+// at 3 blocks an SM (80 registers; a scale a chunk would spill). See launch_gemv.
+constexpr int kLongRowBatch = 12;
 constexpr int kAttnThreads = 256;
 constexpr int64_t kEarlyRowsBytes = 96 << 10;  // shared memory for attention's early K and V rows
 
@@ -49,9 +53,10 @@ __host__ __device__ constexpr size_t early_rows_offset(int S, int D) {
 // int8 weights meet x quantized to int8 (one scale per 16 values): four DP4A per 16 weights
 // instead of 16 int-to-float conversions, which would cap the kernel below HBM speed.
 //
-// kB: chunks a lane holds at once (kBatch, or 2 x kBatch for long int8 rows: see launch_gemv).
-template <typename T, typename W, typename S, Act kAct, int kB = kBatch>
-__global__ void __launch_bounds__(kWarps * 32, kB == kBatch ? 3 : 2) gemv_kernel(GemvArgs a) {
+// kB: chunks a lane holds at once (kBatch, or more for long int8 rows: see launch_gemv).
+// kRowScale: int8 weights with one scale a row (per channel): one scale load a batch, not kB.
+template <typename T, typename W, typename S, Act kAct, int kB = kBatch, bool kRowScale = false>
+__global__ void __launch_bounds__(kWarps * 32, kB <= kLongRowBatch ? 3 : 2) gemv_kernel(GemvArgs a) {
   extern __shared__ int4 staged[];  // act(x), see gemv_smem_bytes
   unsigned char* smem = reinterpret_cast<unsigned char*>(staged);
   constexpr int E = 16 / sizeof(W);  // weights per 16-byte chunk
@@ -64,7 +69,7 @@ __global__ void __launch_bounds__(kWarps * 32, kB == kBatch ? 3 : 2) gemv_kernel
   auto row_of = [&](int r) { return ((blockIdx.x * kWarps + warp) + r * warps) * per_warp + sub; };
 
   int4 wv[kB];
-  float sv[kB];
+  float sv[kRowScale ? 1 : kB];
   auto load_batch = [&](int n, int c0) {
     const int4* row = reinterpret_cast<const int4*>(static_cast<const W*>(a.w) +
                                                     static_cast<int64_t>(n) * a.K);
@@ -75,7 +80,11 @@ __global__ void __launch_bounds__(kWarps * 32, kB == kBatch ? 3 : 2) gemv_kernel
       const int c = c0 + u * L;
       const bool ok = n < a.N && c < chunks;
       wv[u] = ok ? __ldcs(row + c) : make_int4(0, 0, 0, 0);  // streamed: read once
-      if constexpr (kQ8) sv[u] = ok ? to_float(srow[c * E / a.group]) : 0.f;
+      if constexpr (kQ8 && kRowScale) {
+        if (u == 0) sv[0] = ok ? to_float(srow[0]) : 0.f;  // chunk 0 is the lowest: past it, all are
+      } else if constexpr (kQ8) {
+        sv[u] = ok ? to_float(srow[c * E / a.group]) : 0.f;
+      }
     }
   };
   // The first weights before waiting: no kernel writes them, so these loads overlap the tail
@@ -107,7 +116,7 @@ __global__ void __launch_bounds__(kWarps * 32, kB == kBatch ? 3 : 2) gemv_kernel
 #pragma unroll
         for (int m = 0; m < kMaxRows; ++m) {
           if (m >= a.M) break;
-          acc[m] += chunk_dot<T, W>(wv[u], kQ8 ? sv[u] : 1.f, smem, a.M, a.K, m, c);
+          acc[m] += chunk_dot<T, W>(wv[u], kQ8 ? sv[kRowScale ? 0 : u] : 1.f, smem, a.M, a.K, m, c);
         }
       }
     }
@@ -311,9 +320,9 @@ bool launch_gemv_stream(GemvArgs& a) {
 // Launches one GEMV instance over a grid sized to what fits on the device at once, so that
 // act(x) is staged once per resident block and every warp takes the same number of rows.
 // one_round: only where every warp then has a single group of rows (else false, nothing run).
-template <typename T, typename W, typename S, Act kAct, int kB>
+template <typename T, typename W, typename S, Act kAct, int kB, bool kRowScale = false>
 bool launch_gemv_grid(GemvArgs a, bool one_round) {
-  auto kernel = gemv_kernel<T, W, S, kAct, kB>;
+  auto kernel = gemv_kernel<T, W, S, kAct, kB, kRowScale>;
   const size_t smem = gemv_smem_bytes<T, W>(a.M, a.K);
   // The dynamic shared memory a block may take: the device's opt-in limit less the kernel's
   // static shared memory (set once per kernel; the default limit is 48 KB).
@@ -339,6 +348,13 @@ bool launch_gemv_grid(GemvArgs a, bool one_round) {
     a.row_lanes /= 2;
   a.rows_per_warp = static_cast<int>(rows_per_warp(a.row_lanes));
   if (one_round && a.rows_per_warp > 1) return false;
+  if constexpr (sizeof(W) == 1 && !kRowScale) {
+    // Per-channel int8 rows that take a warp more than one round trip to HBM: one scale load a
+    // batch, not kB (H200: 2048x5632 5.30 -> 4.96 us, 11264x2048 7.74 -> 7.42). Rows of one
+    // round trip were 3-4% slower with it (5632x2048 4.15 -> 4.28 us), so they keep a scale a chunk.
+    if (a.group == a.K && (a.rows_per_warp > 1 || chunks > a.row_lanes * kB))
+      return launch_gemv_grid<T, W, S, kAct, kB, true>(a, one_round);
+  }
   const int64_t blocks = (row_groups(a.row_lanes) + a.rows_per_warp - 1) / a.rows_per_warp;
   launch(kernel, dim3(blocks), dim3(kWarps * 32), smem, a);
   return true;
@@ -348,10 +364,9 @@ template <typename T, typename W, typename S, Act kAct>
 bool launch_gemv(GemvArgs a) {
   // BABYRT_GEMV=stream: the streamed kernel where it applies (int8 from 2 MB, Hopper). Not the
   // default: faster alone, slower inside a decode step (see the comment above it).
-  // BABYRT_GEMV=wide (opt-in until measured on the GPU): int8 rows of 9 to 16 chunks a lane
-  // (K 4,097 to 8,192, e.g. 1B's 2048x5632) take 16 chunks a lane at 2 blocks an SM where that
-  // gives every warp one row: one round trip to HBM where 8 at a time took two (5.29 us, 54%
-  // of copy, against 4.17 us for 5632x2048, whose rows take one).
+  // BABYRT_GEMV=wide (opt-in; no faster end to end): int8 rows of 9 to 16 chunks a lane (K
+  // 4,097 to 8,192) take 16 chunks a lane at 2 blocks an SM where that gives every warp one
+  // row: 2048x5632 in 4.81-5.04 us, against 5.29 at 8 chunks a lane (two round trips).
   static const bool stream = env_is("BABYRT_GEMV", "stream");
   static const bool wide = env_is("BABYRT_GEMV", "wide");
   if constexpr (sizeof(W) == 1) {
@@ -362,6 +377,12 @@ bool launch_gemv(GemvArgs a) {
       const int chunks = a.K / 16;
       if (wide && a.M == 1 && chunks > 32 * kBatch && chunks <= 64 * kBatch &&
           launch_gemv_grid<T, W, S, kAct, 2 * kBatch>(a, true))
+        return true;
+      // Per-channel rows of 257 to 384 chunks, one row of x: kLongRowBatch chunks a lane.
+      // 2048x5632 (H200): 4.25 us (69% of copy) against 5.30 at 8 chunks a lane (two round
+      // trips a warp) and 4.81 wide (one round trip at 2 blocks an SM).
+      if (a.M == 1 && a.group == a.K && chunks > 32 * kBatch && chunks <= 32 * kLongRowBatch &&
+          launch_gemv_grid<T, W, S, kAct, kLongRowBatch, true>(a, true))
         return true;
     }
   }
