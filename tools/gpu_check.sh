@@ -18,7 +18,8 @@ python3 -m pip install --no-build-isolation --no-deps -q . 2>&1 | tail -20 || ex
 # A libstdc++ linked statically into libbabyrt crashes on its first ostream use (seen once).
 lib=$(python3 -c "import babyrt, os; print(os.path.dirname(babyrt.__file__))")/libbabyrt.so
 echo "libstdc++ symbols defined in libbabyrt: $(nm -D --defined-only "$lib" | grep -c codecvt)"
-grep -o -- "-static[^ ]*\|[^ ]*stdc++[^ ]*" build/*/CMakeFiles/babyrt.dir/link.txt | sort -u | head
+echo "static or libstdc++ link flags in build.ninja: $(grep -ho -- "-static[^ ]*\|[^ ]*stdc++[^ ]*" \
+  build/*/build.ninja 2>/dev/null | sort -u | tr '\n' ' ')(none is right)"
 cd /tmp  # import the installed package, not the source tree
 repo=$OLDPWD
 # Runs a command under a setting: "none" or comma-separated NAME=VALUE environment variables.

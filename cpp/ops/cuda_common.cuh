@@ -15,6 +15,9 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "ops/ops.h"
 
@@ -456,6 +459,31 @@ KernelRoom kernel_room(Kernel kernel, Budget&& budget) {
   if (smem > 0)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   return KernelRoom{attr.binaryVersion >= 90, sms, smem};
+}
+
+// Blocks of kernel (threads each, smem bytes of dynamic shared memory) that fit on an SM of the
+// current device at once, and the device's SMs. Queried once per kernel, device and size: the
+// occupancy query costs host time, which an eager prefill would pay on every launch.
+struct Residency {
+  int per_sm, sms;
+};
+inline Residency resident_blocks(const void* kernel, int threads, size_t smem) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int, size_t>, Residency> known;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto [it, fresh] = known.try_emplace({kernel, device, threads, smem}, Residency{0, 0});
+  if (fresh) {
+    try {
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&it->second.sms, cudaDevAttrMultiProcessorCount, device));
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&it->second.per_sm, kernel, threads, smem));
+    } catch (...) {
+      known.erase(it);  // not cached: the next call asks again
+      throw;
+    }
+  }
+  return it->second;
 }
 
 bool aligned16(const at::Tensor& t) {

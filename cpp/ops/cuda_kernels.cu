@@ -329,14 +329,10 @@ bool launch_gemv_grid(GemvArgs a, bool one_round) {
   static const int max_smem =
       kernel_room(kernel, [](int optin, int fixed) { return optin - fixed; }).smem;
   if (smem > static_cast<size_t>(max_smem) / 2) return false;  // two blocks per SM at least
-  int device = 0, sms = 0, per_sm = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem));
+  const Residency fit = resident_blocks(reinterpret_cast<const void*>(kernel), kWarps * 32, smem);
   // As many blocks as fit at once (measured on the H200: capping them at 2 or 1 per SM, so that
   // the next kernel's blocks could start early under PDL, was slower).
-  per_sm = std::max(per_sm, 1);
-  const int64_t resident = per_sm * static_cast<int64_t>(sms);
+  const int64_t resident = std::max(fit.per_sm, 1) * static_cast<int64_t>(fit.sms);
   const int chunks = a.K / (16 / static_cast<int>(sizeof(W)));
   // Blocks if each warp took one group of 32 / lanes rows, and the groups each warp then takes.
   auto row_groups = [&](int lanes) { return (a.N + kWarps * (32 / lanes) - 1) / (kWarps * (32 / lanes)); };
