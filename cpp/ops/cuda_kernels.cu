@@ -344,7 +344,7 @@ bool launch_gemv_grid(GemvArgs a, bool one_round) {
     a.row_lanes /= 2;
   a.rows_per_warp = static_cast<int>(rows_per_warp(a.row_lanes));
   if (one_round && a.rows_per_warp > 1) return false;
-  if constexpr (sizeof(W) == 1 && !kRowScale) {
+  if constexpr (sizeof(W) == 1 && !kRowScale && kB == kBatch) {
     // Per-channel int8 rows that take a warp more than one round trip to HBM: one scale load a
     // batch, not kB (H200: 2048x5632 5.30 -> 4.96 us, 11264x2048 7.74 -> 7.42). Rows of one
     // round trip were 3-4% slower with it (5632x2048 4.15 -> 4.28 us), so they keep a scale a chunk.
