@@ -462,28 +462,20 @@ KernelRoom kernel_room(Kernel kernel, Budget&& budget) {
 }
 
 // Blocks of kernel (threads each, smem bytes of dynamic shared memory) that fit on an SM of the
-// current device at once, and the device's SMs. Queried once per kernel, device and size: the
-// occupancy query costs host time, which an eager prefill would pay on every launch.
-struct Residency {
-  int per_sm, sms;
-};
-inline Residency resident_blocks(const void* kernel, int threads, size_t smem) {
+// current device at once. Queried once per kernel, device and size: the occupancy query costs
+// host time, which an eager prefill would pay on every launch.
+inline int blocks_per_sm(const void* kernel, int threads, size_t smem) {
   static std::mutex mutex;
-  static std::map<std::tuple<const void*, int, int, size_t>, Residency> known;
+  static std::map<std::tuple<const void*, int, int, size_t>, int> known;
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::tuple<const void*, int, int, size_t> key{kernel, device, threads, smem};
   const std::lock_guard<std::mutex> lock(mutex);
-  auto [it, fresh] = known.try_emplace({kernel, device, threads, smem}, Residency{0, 0});
-  if (fresh) {
-    try {
-      C10_CUDA_CHECK(cudaDeviceGetAttribute(&it->second.sms, cudaDevAttrMultiProcessorCount, device));
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&it->second.per_sm, kernel, threads, smem));
-    } catch (...) {
-      known.erase(it);  // not cached: the next call asks again
-      throw;
-    }
-  }
-  return it->second;
+  if (auto it = known.find(key); it != known.end()) return it->second;
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  known.emplace(key, per_sm);
+  return per_sm;
 }
 
 bool aligned16(const at::Tensor& t) {

@@ -451,10 +451,9 @@ bool launch_decode_step(StepArgs& a) {
   a.slots = static_cast<int>((dev.smem - a.ring_offset) / per_slot);
   if (a.slots < min_slots) return false;
   const size_t smem = a.ring_offset + a.slots * per_slot;
-  int per_sm = 0;
   auto kernel = decode_step_kernel<T, W, S>;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kStepThreads, smem));
-  if (per_sm < 1) return false;  // every block must be resident at once (the grid barrier)
+  // Every block must be resident at once (the grid barrier).
+  if (blocks_per_sm(reinterpret_cast<const void*>(kernel), kStepThreads, smem) < 1) return false;
   launch(kernel, dim3(blocks), dim3(kStepThreads), smem, a);
   return true;
 }

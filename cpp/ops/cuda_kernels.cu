@@ -326,13 +326,12 @@ bool launch_gemv_grid(GemvArgs a, bool one_round) {
   const size_t smem = gemv_smem_bytes<T, W>(a.M, a.K);
   // The dynamic shared memory a block may take: the device's opt-in limit less the kernel's
   // static shared memory (set once per kernel; the default limit is 48 KB).
-  static const int max_smem =
-      kernel_room(kernel, [](int optin, int fixed) { return optin - fixed; }).smem;
-  if (smem > static_cast<size_t>(max_smem) / 2) return false;  // two blocks per SM at least
-  const Residency fit = resident_blocks(reinterpret_cast<const void*>(kernel), kWarps * 32, smem);
+  static const KernelRoom room = kernel_room(kernel, [](int optin, int fixed) { return optin - fixed; });
+  if (smem > static_cast<size_t>(room.smem) / 2) return false;  // two blocks per SM at least
+  const int per_sm = blocks_per_sm(reinterpret_cast<const void*>(kernel), kWarps * 32, smem);
   // As many blocks as fit at once (measured on the H200: capping them at 2 or 1 per SM, so that
   // the next kernel's blocks could start early under PDL, was slower).
-  const int64_t resident = std::max(fit.per_sm, 1) * static_cast<int64_t>(fit.sms);
+  const int64_t resident = std::max(per_sm, 1) * static_cast<int64_t>(room.sms);
   const int chunks = a.K / (16 / static_cast<int>(sizeof(W)));
   // Blocks if each warp took one group of 32 / lanes rows, and the groups each warp then takes.
   auto row_groups = [&](int lanes) { return (a.N + kWarps * (32 / lanes) - 1) / (kWarps * (32 / lanes)); };
