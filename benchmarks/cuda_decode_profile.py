@@ -5,9 +5,11 @@ under torch.profiler, grouped by kernel, per decode step, next to the wall time 
 
 The runtime replays CUDA graphs; CUPTI still reports each kernel in them. 'GPU busy' is the sum
 of kernel durations; the rest of the wall time per step is launch latency and gaps between
-kernels. Run it with BABYRT_PDL=0: under programmatic dependent launch a kernel starts before
-its predecessor ends and its duration includes the wait, so the durations overlap and their sum
-exceeds the wall time.
+kernels. Under programmatic dependent launch (the default) a kernel starts before its
+predecessor ends and its duration includes the wait, so durations overlap and their sum exceeds
+the wall time; run with BABYRT_PDL=0 for durations alone. The second table holds under PDL too:
+a kernel's marginal time is its end less the previous kernel's end (in start order), what it
+adds to the step, and its head start is how long before the previous kernel's end it started.
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ def profile(shape: str, quantize: bool, new_tokens: int, top: int) -> dict:
             k = kernels[e.name[:90]]
             k[0] += 1
             k[1] += e.device_time_total
+    marginal = marginal_costs(prof)
     busy = sum(v[1] for v in kernels.values())
     count = sum(v[0] for v in kernels.values())
     rows = sorted(kernels.items(), key=lambda kv: -kv[1][1])
@@ -63,10 +66,34 @@ def profile(shape: str, quantize: bool, new_tokens: int, top: int) -> dict:
     print("|---|---|---|---|")
     for name, (n, us) in rows[:top]:
         print(f"| {name} | {n / steps:.2f} | {us / steps:.2f} | {us / n:.2f} |")
+    print("\n| kernel | per step | marginal us/step | marginal us each | head start us each |")
+    print("|---|---|---|---|---|")
+    for name, (n, add, head) in sorted(marginal.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"| {name} | {n / steps:.2f} | {add / steps:.2f} | {add / n:.2f} | {head / n:.2f} |")
     return {"shape": shape, "int8": quantize, "tok_s": stats["decode_steps"] / stats["decode_seconds"],
             "us_per_step": step_us, "kernels_per_step": count / steps,
             "busy_us_per_step": busy / steps,
-            "kernels": [{"name": k, "count": n, "us": us} for k, (n, us) in rows]}
+            "kernels": [{"name": k, "count": n, "us": us} for k, (n, us) in rows],
+            "marginal": [{"name": k, "count": n, "us": add, "head_start_us": head}
+                         for k, (n, add, head) in marginal.items()]}
+
+
+def marginal_costs(prof) -> dict:
+    """Per kernel name: [count, sum of marginal us, sum of head-start us] over the kernels of
+    the profile in start order (one stream at a time: a step's kernels run in order)."""
+    by_stream = defaultdict(list)
+    for e in prof.profiler.kineto_results.events():
+        if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0:
+            by_stream[e.device_resource_id()].append((e.start_ns(), e.end_ns(), e.name()[:90]))
+    out = defaultdict(lambda: [0, 0.0, 0.0])
+    for events in by_stream.values():
+        events.sort()
+        for (_, prev_end, _), (start, end, name) in zip(events, events[1:]):
+            k = out[name]
+            k[0] += 1
+            k[1] += max(0, end - prev_end) / 1e3
+            k[2] += max(0, prev_end - start) / 1e3
+    return out
 
 
 def main() -> None:

@@ -6,7 +6,7 @@
 #   warp stall reasons under Nsight Compute; variants: the opt-in kernel variants (VARIANTS).
 #   gemv-ncu: one int8 GEMV call per shape of INT8_SHAPES under Nsight Compute.
 #   profile: the kernels of a decode step, per shape (benchmarks/cuda_decode_profile.py), with
-#   PDL off so that kernel durations do not overlap.
+#   PDL off so that kernel durations do not overlap (PROFILE_PDL=1: on, for the marginal times).
 #   sweep: tools/seed_sweep.py over the specs in $SWEEP_FILE (one NAME:PRESET:JSON per line), all
 #   at once on the GPU, while the tests run (int8 runs before it, bench after it).
 set -uo pipefail
@@ -56,7 +56,7 @@ if [[ $what == *tests* || $what == all ]]; then
   tests=(tests/test_cuda.py tests/test_batch.py tests/test_parity.py tests/test_ops.py
          tests/test_quantize.py tests/test_hardening.py)
   [[ -n ${TESTS:-} ]] && read -ra tests <<< "$TESTS"
-  python3 -m pytest -q -p no:cacheprovider "${tests[@]/#tests\//$repo/tests/}" > "$OUT/pytest.log" 2>&1
+  timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -p no:cacheprovider "${tests[@]/#tests\//$repo/tests/}" > "$OUT/pytest.log" 2>&1
   echo "pytest exit $?"; grep -E "passed|failed|Fatal|Segmentation|File \"$repo" "$OUT/pytest.log" | tail -15
 fi
 if [[ -n ${sweep_pid:-} ]]; then
@@ -118,7 +118,7 @@ fi
 if [[ $what == *profile* ]]; then
   for shape in ${BENCH_SHAPES:-stories15M stories110M 1b-gqa}; do
     for q in "" "--quantize int8"; do
-      BABYRT_PDL=0 python3 "$repo/benchmarks/cuda_decode_profile.py" --shape $shape $q \
+      BABYRT_PDL=${PROFILE_PDL:-0} timeout 120 python3 "$repo/benchmarks/cuda_decode_profile.py" --shape $shape $q \
         --json "$OUT/profile_${shape}${q:+_int8}.json" 2>&1 | grep -v Warning
     done
   done
