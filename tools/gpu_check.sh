@@ -42,7 +42,8 @@ if [[ $what == *int8* || $what == all ]]; then
   shapes=${INT8_SHAPES:+--shapes $INT8_SHAPES}
   python3 "$repo/benchmarks/int8_gemv_cuda.py" $shapes --json "$OUT/int8_gemv_cuda.json"
   for v in ${INT8_VARIANTS:-BABYRT_PDL=0 BABYRT_GEMV=wide}; do
-    with_setting "$v" python3 "$repo/benchmarks/int8_gemv_cuda.py" $shapes | sed "s/^/$v: /"
+    with_setting "$v" python3 "$repo/benchmarks/int8_gemv_cuda.py" $shapes | sed "s/^/$v: /" \
+      | tee -a "$OUT/int8_variants.txt"
   done
 fi
 if [[ $what == *sweep* ]]; then
