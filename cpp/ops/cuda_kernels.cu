@@ -317,56 +317,60 @@ bool launch_gemv_stream(GemvArgs& a) {
   return true;
 }
 
-// ------------------------------------------------------------------ row-buffer GEMV (opt-in)
+// ------------------------------------------------------------------ row-buffer GEMV
 //
-// gemv_kernel's product for one row of 16-bit x against float rows or int8 rows with one scale
-// each, with each warp's rows copied into shared memory by cp.async instead of loaded into
-// registers (BABYRT_GEMV=rowbuf). The bytes in flight then hold no registers: a call's whole
-// grid fits in half the device, so under PDL the next call's grid is resident and issues all its
-// copies while this call drains. (gemv_kernel's registers hold ~60% of an 11.5 MB call; the rest
-// of the next call's blocks start only as this call's blocks leave.)
+// gemv_kernel's product for one row of 16-bit x against int8 rows with one scale each (the
+// decode GEMVs of an int8 artifact), with each warp's rows copied into shared memory by
+// cp.async instead of loaded into registers. The bytes in flight then hold no registers, so a
+// call's whole grid fits in half the device, and under PDL the next kernel's grid is resident
+// and issues all its copies while this one drains. (gemv_kernel's registers hold ~60% of an
+// 11.5 MB call; the rest of the next call's blocks start only as this call's blocks leave.)
+//
+// Measured on the H200 (benchmarks/int8_gemv_cuda.py, then babyrt bench --no-peers): 2048x5632
+// 4.02 us (71% of copy) against gemv_kernel's 4.25; 5632x2048 4.16 both; int8 decode end to end
+// stories15M 9,750 -> 11,716 tok/s, stories110M 4,414 -> 5,021, 1B 1,422 -> 1,435. With bf16
+// rows (twice the bytes) it was slower everywhere (stories110M 4,123 -> 3,410 tok/s, 2304x768
+// 2.15 -> 2.76 us), so float weights stay on gemv_kernel. BABYRT_GEMV=regs turns it off.
 constexpr int kRowbufMaxRows = 4;  // rows a warp takes at most
 
 // Where the warps' row buffers start in the dynamic shared memory: after act(x).
-template <typename T, typename W>
+template <typename T>
 __host__ __device__ constexpr size_t rowbuf_offset(int K) {
-  return (gemv_smem_bytes<T, W>(1, K) + 127) / 128 * 128;
+  return (gemv_smem_bytes<T, int8_t>(1, K) + 127) / 128 * 128;
 }
 
-template <typename T, typename W, typename S, Act kAct>
+template <typename T, typename S, Act kAct>
 __global__ void __launch_bounds__(kWarps * 32, 4) gemv_rowbuf_kernel(GemvArgs a) {
   extern __shared__ int4 staged[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(staged);
-  constexpr bool kQ8 = sizeof(W) == 1;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int chunks = a.K / (16 / sizeof(W)), R = a.rows_per_warp;
+  const int chunks = a.K / 16, R = a.rows_per_warp;
   const int n0 = (blockIdx.x * kWarps + warp) * R;  // the warp's rows: n0 .. n0 + R - 1
-  int4* rows = reinterpret_cast<int4*>(smem + rowbuf_offset<T, W>(a.K)) + static_cast<size_t>(warp) * R * chunks;
-  // The warp's rows (and scales) before waiting: no kernel writes them. A lane copies the
-  // chunks it later reads (lane, lane + 32, ...), so it needs only its own copies complete.
+  int4* rows = reinterpret_cast<int4*>(smem + rowbuf_offset<T>(a.K)) + static_cast<size_t>(warp) * R * chunks;
+  // The warp's rows and scales before waiting: no kernel writes them. A lane copies the chunks
+  // it later reads (lane, lane + 32, ...), so it needs only its own copies complete.
   const uint64_t policy = evict_first_policy();
   for (int r = 0; r < R && n0 + r < a.N; ++r) {
-    const int4* src = reinterpret_cast<const int4*>(static_cast<const W*>(a.w) + static_cast<int64_t>(n0 + r) * a.K);
+    const int4* src = reinterpret_cast<const int4*>(static_cast<const int8_t*>(a.w) + static_cast<int64_t>(n0 + r) * a.K);
     for (int c = lane; c < chunks; c += 32) cp_async16(rows + r * chunks + c, src + c, policy);
   }
-  float scale = 1.f;  // lane r: row r's scale
-  if constexpr (kQ8)
-    scale = lane < R && n0 + lane < a.N ? to_float(static_cast<const S*>(a.scales)[n0 + lane]) : 0.f;
+  // Lane r holds row r's scale.
+  const float scale = lane < R && n0 + lane < a.N ? to_float(static_cast<const S*>(a.scales)[n0 + lane]) : 0.f;
   wait_for_inputs();
   allow_next_launch();  // only after the wait: see attention_decode_kernel
   if constexpr (kAct == Act::kRmsNorm) {
     if (a.K <= 16 * kWarps * 32)
-      stage_rmsnorm_row<T, W, WholeBlock>(a, smem);
+      stage_rmsnorm_row<T, int8_t, WholeBlock>(a, smem);
     else
-      stage_activations<T, W, kAct>(a, smem);
+      stage_activations<T, int8_t, kAct>(a, smem);
   } else {
-    stage_activations<T, W, kAct>(a, smem);
+    stage_activations<T, int8_t, kAct>(a, smem);
   }
   cp_async_wait_all();
   for (int r = 0; r < R && n0 + r < a.N; ++r) {
-    const float row_scale = kQ8 ? __shfl_sync(0xffffffff, scale, r) : 1.f;
+    const float row_scale = __shfl_sync(0xffffffff, scale, r);
     float v = 0.f;
-    for (int c = lane; c < chunks; c += 32) v += chunk_dot<T, W>(rows[r * chunks + c], row_scale, smem, 1, a.K, 0, c);
+    for (int c = lane; c < chunks; c += 32) v += chunk_dot<T, int8_t>(rows[r * chunks + c], row_scale, smem, 1, a.K, 0, c);
     for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffff, v, off);
     if (lane == 0) store_output<T>(a, 0, n0 + r, v);
   }
@@ -374,17 +378,22 @@ __global__ void __launch_bounds__(kWarps * 32, 4) gemv_rowbuf_kernel(GemvArgs a)
 
 // Launches the row-buffer GEMV with the fewest rows a warp (up to kRowbufMaxRows) that let two
 // calls' grids be resident at once; false where none does (nothing run).
-template <typename T, typename W, typename S, Act kAct>
+// BABYRT_ROWBUF_ROWS=R (a measurement switch) asks for R rows a warp where one grid fits.
+template <typename T, typename S, Act kAct>
 bool launch_gemv_rowbuf(GemvArgs a) {
-  auto kernel = gemv_rowbuf_kernel<T, W, S, kAct>;
+  auto kernel = gemv_rowbuf_kernel<T, S, kAct>;
   static const KernelRoom room = kernel_room(kernel, [](int optin, int fixed) { return optin - fixed; });
-  const size_t row_bytes = static_cast<size_t>(a.K) * sizeof(W);
+  static const int forced = [] {
+    const char* v = std::getenv("BABYRT_ROWBUF_ROWS");
+    return v ? std::atoi(v) : 0;
+  }();
   for (int R = 1; R <= kRowbufMaxRows; ++R) {
-    const size_t smem = rowbuf_offset<T, W>(a.K) + kWarps * R * row_bytes;
+    if (forced > 0 && R != forced) continue;
+    const size_t smem = rowbuf_offset<T>(a.K) + static_cast<size_t>(kWarps) * R * a.K;
     if (smem > static_cast<size_t>(room.smem)) return false;
     const int per_sm = blocks_per_sm(reinterpret_cast<const void*>(kernel), kWarps * 32, smem);
     const int64_t blocks = (a.N + kWarps * R - 1) / (kWarps * R);
-    if (2 * blocks <= static_cast<int64_t>(per_sm) * room.sms) {
+    if ((forced > 0 ? 1 : 2) * blocks <= static_cast<int64_t>(per_sm) * room.sms) {
       a.rows_per_warp = R;
       launch(kernel, dim3(blocks), dim3(kWarps * 32), smem, a);
       return true;
@@ -438,15 +447,10 @@ bool launch_gemv(GemvArgs a) {
   // BABYRT_GEMV=wide (opt-in; no faster end to end): int8 rows of 9 to 16 chunks a lane (K
   // 4,097 to 8,192) take 16 chunks a lane at 2 blocks an SM where that gives every warp one
   // row: 2048x5632 in 4.81-5.04 us, against 5.29 at 8 chunks a lane (two round trips).
-  // BABYRT_GEMV=rowbuf (opt-in, being measured): one row of 16-bit x against float or
-  // per-channel int8 rows, copied into shared memory (gemv_rowbuf_kernel).
+  // BABYRT_GEMV=regs: gemv_kernel where the row-buffer kernel would run (to measure it).
   static const bool stream = env_is("BABYRT_GEMV", "stream");
   static const bool wide = env_is("BABYRT_GEMV", "wide");
-  static const bool rowbuf = env_is("BABYRT_GEMV", "rowbuf");
-  if constexpr (sizeof(T) == 2) {
-    if (rowbuf && a.M == 1 && (sizeof(W) == 2 || a.group == a.K) && launch_gemv_rowbuf<T, W, S, kAct>(a))
-      return true;
-  }
+  static const bool regs = env_is("BABYRT_GEMV", "regs");
   if constexpr (sizeof(W) == 1) {
     // int8 weights only: with float weights (twice the chunks a row) the consumers' math did
     // not keep up (H200: bf16 2048x5632 9.35 vs gemv_kernel's 7.97 us).
@@ -456,6 +460,8 @@ bool launch_gemv(GemvArgs a) {
       if (wide && a.M == 1 && chunks > 32 * kBatch && chunks <= 64 * kBatch &&
           launch_gemv_grid<T, W, S, kAct, 2 * kBatch>(a, true))
         return true;
+      // One row of x against per-channel rows: the row-buffer kernel where two grids fit.
+      if (!regs && a.M == 1 && a.group == a.K && launch_gemv_rowbuf<T, S, kAct>(a)) return true;
       // Per-channel rows of 257 to 384 chunks, one row of x: kLongRowBatch chunks a lane.
       // 2048x5632 (H200): 4.25 us (69% of copy) against 5.30 at 8 chunks a lane (two round
       // trips a warp) and 4.81 wide (one round trip at 2 blocks an SM).
