@@ -376,30 +376,41 @@ __global__ void __launch_bounds__(kWarps * 32, 4) gemv_rowbuf_kernel(GemvArgs a)
   }
 }
 
-// Launches the row-buffer GEMV with the fewest rows a warp (up to kRowbufMaxRows) that let two
-// calls' grids be resident at once; false where none does (nothing run).
-// BABYRT_ROWBUF_ROWS=R (a measurement switch) asks for R rows a warp where one grid fits.
+// Launches the row-buffer GEMV; false where it does not fit (nothing run). A warp takes one row
+// where two calls' grids then fit at once, else two rows where one grid fits. Measured on the
+// H200 (benchmarks/int8_gemv_cuda.py): 5632x2048 4.02 us at two rows a warp (352 blocks, one
+// grid fits), 4.18 at three (two grids fit), 4.15 at four; 2048x5632 3.92-3.98 at one or two,
+// 4.45 at four; 64x256 1.26 at one, 1.56 at two. BABYRT_ROWBUF_ROWS=R (to measure) asks for R
+// rows a warp (up to kRowbufMaxRows) wherever one grid fits.
 template <typename T, typename S, Act kAct>
 bool launch_gemv_rowbuf(GemvArgs a) {
   auto kernel = gemv_rowbuf_kernel<T, S, kAct>;
   static const KernelRoom room = kernel_room(kernel, [](int optin, int fixed) { return optin - fixed; });
   static const int forced = [] {
     const char* v = std::getenv("BABYRT_ROWBUF_ROWS");
-    return v ? std::atoi(v) : 0;
+    return v ? std::clamp(std::atoi(v), 0, kRowbufMaxRows) : 0;
   }();
-  for (int R = 1; R <= kRowbufMaxRows; ++R) {
-    if (forced > 0 && R != forced) continue;
-    const size_t smem = rowbuf_offset<T>(a.K) + static_cast<size_t>(kWarps) * R * a.K;
-    if (smem > static_cast<size_t>(room.smem)) return false;
+  auto smem_of = [&](int R) { return rowbuf_offset<T>(a.K) + static_cast<size_t>(kWarps) * R * a.K; };
+  // Blocks at R rows a warp, if `grids` of them fit on the device at once (else 0).
+  auto fitting_blocks = [&](int R, int grids) -> int64_t {
+    const size_t smem = smem_of(R);
+    if (smem > static_cast<size_t>(room.smem)) return 0;
     const int per_sm = blocks_per_sm(reinterpret_cast<const void*>(kernel), kWarps * 32, smem);
     const int64_t blocks = (a.N + kWarps * R - 1) / (kWarps * R);
-    if ((forced > 0 ? 1 : 2) * blocks <= static_cast<int64_t>(per_sm) * room.sms) {
-      a.rows_per_warp = R;
-      launch(kernel, dim3(blocks), dim3(kWarps * 32), smem, a);
-      return true;
-    }
-  }
-  return false;
+    return grids * blocks <= static_cast<int64_t>(per_sm) * room.sms ? blocks : 0;
+  };
+  int R = forced;
+  int64_t blocks = 0;
+  if (forced)
+    blocks = fitting_blocks(forced, 1);
+  else if ((blocks = fitting_blocks(1, 2)) > 0)
+    R = 1;
+  else if ((blocks = fitting_blocks(2, 1)) > 0)
+    R = 2;
+  if (blocks == 0) return false;
+  a.rows_per_warp = R;
+  launch(kernel, dim3(blocks), dim3(kWarps * 32), smem_of(R), a);
+  return true;
 }
 
 // Launches one GEMV instance over a grid sized to what fits on the device at once, so that
