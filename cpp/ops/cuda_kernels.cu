@@ -8,8 +8,10 @@
 //   int8 with group scales. act is the identity, RMSNorm (rmsnorm_linear) or SwiGLU
 //   (swiglu_linear): each block computes it once into shared memory (int8 per 16 values for
 //   int8 weights), then its warps stream rows of W against it, so every weight byte is read once,
-//   in full lines. The fused ops are one kernel each. BABYRT_GEMV=stream picks, for int8
-//   weights from 2 MB on Hopper, gemv_stream_kernel (weights brought in by bulk copies).
+//   in full lines. The fused ops are one kernel each. Per-channel int8 rows against one row of
+//   x take gemv_rowbuf_kernel (rows copied into shared memory) where its grid fits.
+//   BABYRT_GEMV=stream picks, for int8 weights from 2 MB on Hopper, gemv_stream_kernel
+//   (weights brought in by bulk copies).
 // - attention_decode: one token per sequence. RoPE on q and k, k and v written into the cache,
 //   softmax(q K^T / sqrt(D)) V over the filled slots only. One block per (head, sequence).
 //   Prefill (several tokens): RoPE and the cache writes in one kernel, then ATen's SDPA.
@@ -327,10 +329,11 @@ bool launch_gemv_stream(GemvArgs& a) {
 // 11.5 MB call; the rest of the next call's blocks start only as this call's blocks leave.)
 //
 // Measured on the H200 (benchmarks/int8_gemv_cuda.py, then babyrt bench --no-peers): 2048x5632
-// 4.02 us (71% of copy) against gemv_kernel's 4.25; 5632x2048 4.16 both; int8 decode end to end
-// stories15M 9,750 -> 11,716 tok/s, stories110M 4,414 -> 5,021, 1B 1,422 -> 1,435. With bf16
-// rows (twice the bytes) it was slower everywhere (stories110M 4,123 -> 3,410 tok/s, 2304x768
-// 2.15 -> 2.76 us), so float weights stay on gemv_kernel. BABYRT_GEMV=regs turns it off.
+// 4.00 us and 5632x2048 4.03 us (71% of copy) against gemv_kernel's 4.24 and 4.17; int8 decode
+// end to end stories15M 9,750 -> 11,716-11,930 tok/s, stories110M 4,414 -> 4,960-5,021, 1B
+// 1,422 -> 1,434-1,440. Over bf16 rows (twice the bytes) it was slower on all but stories15M
+// (stories110M 4,123 -> 3,410 tok/s, 2304x768 2.15 -> 2.76 us), so float weights stay on
+// gemv_kernel. BABYRT_GEMV=regs turns it off.
 constexpr int kRowbufMaxRows = 4;  // rows a warp takes at most
 
 // Where the warps' row buffers start in the dynamic shared memory: after act(x).
