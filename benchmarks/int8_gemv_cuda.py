@@ -5,39 +5,16 @@ copy bandwidth measured in the same run, for the 1B shape's two FFN matrices.
 
 The kernels launch with programmatic dependent launch; BABYRT_PDL=0 turns it off to compare.
 Each timing is a CUDA-event measurement of a CUDA graph of 200 back-to-back calls (so that
-host launch overhead is out of the picture), cycling through enough copies of the weights
-(> 4x the L2 cache) that every call reads its weights from HBM.
+host launch overhead is out of the picture; babyrt.bench.cuda_graph_seconds), cycling through
+enough copies of the weights (> 4x the L2 cache) that every call reads its weights from HBM.
 """
 import argparse
 import json
 
 import torch
 
-from babyrt.bench import copy_bandwidth
+from babyrt.bench import copy_bandwidth, cuda_graph_seconds
 from babyrt.quantize import quantize_weight
-
-
-def time_calls(fn, n_copies: int, iters: int = 200) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(n_copies):  # warm-up
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(iters):
-            fn(i % n_copies)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3 / iters)
-    return best
 
 
 def main():
@@ -55,9 +32,9 @@ def main():
         qs = [quantize_weight(torch.randn(N, K, device="cuda")) for _ in range(n_copies)]
         ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(n_copies)]
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-        t_q8 = time_calls(lambda i: torch.ops.babyrt.linear(x, qs[i][0], qs[i][1], None), n_copies)
-        t_bf16 = time_calls(lambda i: torch.nn.functional.linear(x, ws[i]), n_copies)
-        t_ours = time_calls(lambda i: torch.ops.babyrt.linear(x, ws[i], None, None), n_copies)
+        t_q8 = cuda_graph_seconds(lambda i: torch.ops.babyrt.linear(x, *qs[i], None), n_copies)
+        t_bf16 = cuda_graph_seconds(lambda i: torch.nn.functional.linear(x, ws[i]), n_copies)
+        t_ours = cuda_graph_seconds(lambda i: torch.ops.babyrt.linear(x, ws[i], None, None), n_copies)
         want = x.float() @ torch.ops.babyrt.dequantize(*qs[0]).T
         got = torch.ops.babyrt.linear(x, qs[0][0], qs[0][1], None).float()
         err = ((got - want).abs().max() / want.abs().max()).item()

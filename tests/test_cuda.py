@@ -131,6 +131,17 @@ def test_cuda_fused_decode_ops_match_references(dtype, M, N, K):
             assert ((got.float() - want.float()).abs() <= bound).all()
 
 
+def test_cuda_attention_variant():
+    """BABYRT_ATTN_PAD=1 (opt-in): the decode kernel spaces its shared-memory copy of the K rows
+    16 bytes wider than a row. The attention tests and the CUDA greedy parity pass with it."""
+    if os.environ.get("BABYRT_ATTN_PAD"):
+        pytest.skip("already running the variant")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                        "-k", "(attention or graph_greedy) and not variant"],
+                       env={**os.environ, "BABYRT_ATTN_PAD": "1"}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H,KV,D", [(6, 6, 48), (32, 4, 64), (4, 2, 128)])
 def test_cuda_decode_attention_matches_reference(dtype, H, KV, D):

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build babyrt with CUDA, run the CUDA tests, and run the GPU
 # benchmarks. Results land in $OUT (or ./gpu_out).
-# Usage: bash tools/gpu_check.sh [tests|int8|bench|step|variants|ncu|gemv-ncu|profile|seed|sweep|mfu|all]...
+# Usage: bash tools/gpu_check.sh [tests|int8|attn|bench|step|variants|ncu|gemv-ncu|profile|seed|sweep|mfu|all]...
 #   step: the one-kernel decode step on and off per shape, and its per-phase trace; ncu: its
 #   warp stall reasons under Nsight Compute; variants: the opt-in kernel variants (VARIANTS).
 #   gemv-ncu: one int8 GEMV call per shape of INT8_SHAPES under Nsight Compute.
+#   attn: decode attention alone and after its QKV GEMV (benchmarks/attention_cuda.py), by
+#   default and under each setting of ATTN_VARIANTS.
 #   profile: the kernels of a decode step, per shape (benchmarks/cuda_decode_profile.py), with
 #   PDL off so that kernel durations do not overlap (PROFILE_PDL=1: on, for the marginal times).
 #   sweep: tools/seed_sweep.py over the specs in $SWEEP_FILE (one NAME:PRESET:JSON per line), all
@@ -44,6 +46,13 @@ if [[ $what == *int8* || $what == all ]]; then
   for v in ${INT8_VARIANTS:-BABYRT_PDL=0 BABYRT_GEMV=wide}; do
     with_setting "$v" python3 "$repo/benchmarks/int8_gemv_cuda.py" $shapes | sed "s/^/$v: /" \
       | tee -a "$OUT/int8_variants.txt"
+  done
+fi
+if [[ $what == *attn* ]]; then
+  # Decode attention alone and after its QKV GEMV, by default and under each of ATTN_VARIANTS.
+  for v in none ${ATTN_VARIANTS:-BABYRT_ATTN_PAD=1}; do
+    with_setting "$v" timeout 120 python3 "$repo/benchmarks/attention_cuda.py" ${ATTN_SHAPES:+--shapes $ATTN_SHAPES} \
+      2>&1 | grep -v Warn | sed "s/^/$v: /" | tee -a "$OUT/attention.txt"
   done
 fi
 if [[ $what == *sweep* ]]; then

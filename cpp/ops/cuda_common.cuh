@@ -501,6 +501,7 @@ struct AttnArgs {
   void* out;                 // [B, 1, H D]
   int H, KV, D, S, P;
   int early_slots;  // attention_decode_kernel: K and V rows it copies before its PDL wait (0: none)
+  int k_stride;     // elements from one copied K row to the next: D, or more to spread the banks
 };
 
 // Reduction of one float (max or sum) over the Block's threads.
@@ -528,8 +529,8 @@ __host__ __device__ constexpr size_t attend_smem_bytes(int S, int D, int threads
 // Head h of sequence b for one new token, by the Block's kThreads threads: RoPE on q and k, k
 // and v into the cache at the sequence's position, softmax(q K^T / sqrt(D)) V over the slots up
 // to it, into out. smem: attend_smem_bytes. kCopy: kv_copy (or null) is shared memory that
-// already holds the head's K rows of the slots before the position, and a.early_slots rows
-// further on its V rows; the new k and v go there too, and the slots are read from there
+// already holds the head's K rows of the slots before the position (a.k_stride elements
+// apart), and a.early_slots K rows further on its V rows (D apart); the new k and v go there too, and the slots are read from there
 // instead of the cache. (A template flag, so that decode_step, which copies nothing, reads the
 // cache through global loads, not through pointers chosen at run time.)
 template <typename T, int kThreads, typename Block, bool kCopy = false>
@@ -552,7 +553,8 @@ __device__ void attend(const AttnArgs& a, int h, int b, float* smem, T* kv_copy 
   T* kc = static_cast<T*>(a.k_cache) + cache_off;
   T* vc = static_cast<T*>(a.v_cache) + cache_off;
   T* const k_rows = kCopy ? kv_copy : nullptr;  // the slots' copies, if any
-  T* const v_rows = kCopy && kv_copy ? kv_copy + static_cast<int64_t>(a.early_slots) * D : nullptr;
+  const int ks = a.k_stride;  // of k_rows
+  T* const v_rows = kCopy && kv_copy ? kv_copy + static_cast<int64_t>(a.early_slots) * ks : nullptr;
 
   // RoPE on q and on this token's k; k and v into their slot. Every block of a kv head writes
   // the same values, so the duplicate writes are benign and each block then reads its own.
@@ -570,8 +572,8 @@ __device__ void attend(const AttnArgs& a, int h, int b, float* smem, T* kv_copy 
       kc[p * D + 2 * i + 1] = from_float<T>(k0 * s + k1 * c);
       if constexpr (kCopy)
         if (k_rows) {
-          k_rows[p * D + 2 * i] = from_float<T>(k0 * c - k1 * s);
-          k_rows[p * D + 2 * i + 1] = from_float<T>(k0 * s + k1 * c);
+          k_rows[p * ks + 2 * i] = from_float<T>(k0 * c - k1 * s);
+          k_rows[p * ks + 2 * i + 1] = from_float<T>(k0 * s + k1 * c);
         }
     } else {
       q[2 * i] = q0;
@@ -579,7 +581,7 @@ __device__ void attend(const AttnArgs& a, int h, int b, float* smem, T* kv_copy 
       kc[p * D + 2 * i] = from_float<T>(k0);
       kc[p * D + 2 * i + 1] = from_float<T>(k1);
       if constexpr (kCopy)
-        if (k_rows) k_rows[p * D + 2 * i] = from_float<T>(k0), k_rows[p * D + 2 * i + 1] = from_float<T>(k1);
+        if (k_rows) k_rows[p * ks + 2 * i] = from_float<T>(k0), k_rows[p * ks + 2 * i + 1] = from_float<T>(k1);
     }
   }
   for (int d = threadIdx.x; d < D; d += kThreads) vc[p * D + d] = load<kCG>(vh + d);
@@ -594,7 +596,7 @@ __device__ void attend(const AttnArgs& a, int h, int b, float* smem, T* kv_copy 
   float* scores = smem;
   float local_max = -INFINITY;
   for (int64_t j = threadIdx.x; j <= p; j += kThreads) {
-    const T* kj = (kCopy && k_rows ? k_rows : kc) + j * D;
+    const T* kj = kCopy && k_rows ? k_rows + j * ks : kc + j * D;
     float s = 0.f;
     for (int d0 = 0; d0 < D; d0 += 4 * E) {
       float kv[4][E];

@@ -384,7 +384,9 @@ __global__ void __launch_bounds__(kWarps * 32, 4) gemv_rowbuf_kernel(GemvArgs a)
 // H200 (benchmarks/int8_gemv_cuda.py): 5632x2048 4.02 us at two rows a warp (352 blocks, one
 // grid fits), 4.18 at three (two grids fit), 4.15 at four; 2048x5632 3.92-3.98 at one or two,
 // 4.45 at four; 64x256 1.26 at one, 1.56 at two. BABYRT_ROWBUF_ROWS=R (to measure) asks for R
-// rows a warp (up to kRowbufMaxRows) wherever one grid fits.
+// rows a warp (up to kRowbufMaxRows) wherever one grid fits. BABYRT_GEMV=rowbuf-tall (opt-in,
+// not yet measured) also takes three or four rows a warp where only that fits one grid (1B's
+// 11264x2048 w13, which otherwise runs gemv_kernel).
 template <typename T, typename S, Act kAct>
 bool launch_gemv_rowbuf(GemvArgs a) {
   auto kernel = gemv_rowbuf_kernel<T, S, kAct>;
@@ -393,6 +395,7 @@ bool launch_gemv_rowbuf(GemvArgs a) {
     const char* v = std::getenv("BABYRT_ROWBUF_ROWS");
     return v ? std::clamp(std::atoi(v), 0, kRowbufMaxRows) : 0;
   }();
+  static const bool tall = env_is("BABYRT_GEMV", "rowbuf-tall");
   auto smem_of = [&](int R) { return rowbuf_offset<T>(a.K) + static_cast<size_t>(kWarps) * R * a.K; };
   // Blocks at R rows a warp, if `grids` of them fit on the device at once (else 0).
   auto fitting_blocks = [&](int R, int grids) -> int64_t {
@@ -410,6 +413,10 @@ bool launch_gemv_rowbuf(GemvArgs a) {
     R = 1;
   else if ((blocks = fitting_blocks(2, 1)) > 0)
     R = 2;
+  else if (tall && (blocks = fitting_blocks(3, 1)) > 0)
+    R = 3;
+  else if (tall && (blocks = fitting_blocks(4, 1)) > 0)
+    R = 4;
   if (blocks == 0) return false;
   a.rows_per_warp = R;
   launch(kernel, dim3(blocks), dim3(kWarps * 32), smem_of(R), a);
@@ -613,10 +620,11 @@ __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs
     const int4* k_src = reinterpret_cast<const int4*>(static_cast<const T*>(a.k_cache) + off);
     const int4* v_src = reinterpret_cast<const int4*>(static_cast<const T*>(a.v_cache) + off);
     int4* k_dst = reinterpret_cast<int4*>(rows);
-    int4* v_dst = reinterpret_cast<int4*>(rows + static_cast<int64_t>(a.early_slots) * a.D);
+    int4* v_dst = reinterpret_cast<int4*>(rows + static_cast<int64_t>(a.early_slots) * a.k_stride);
     const int n = static_cast<int>(p * a.D / E);  // 16-byte chunks of slots 0..p-1
+    const int vecs = a.D / E, k_vecs = a.k_stride / E;
     for (int i = threadIdx.x; i < n; i += kAttnThreads) {
-      cp_async16(k_dst + i, k_src + i);
+      cp_async16(k_dst + (i / vecs) * k_vecs + i % vecs, k_src + i);
       cp_async16(v_dst + i, v_src + i);
     }
   }
@@ -716,19 +724,23 @@ at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, co
         kernel_room(kernel, [](int optin, int fixed) { return optin - fixed; }).smem;
     // Early K and V rows: as many slots as fit in kEarlyRowsBytes and on the device (none
     // where attend's own scores take the room: those slots are read from the cache).
+    // BABYRT_ATTN_PAD=1 (opt-in, to measure): K rows 16 bytes apart more than their size. The
+    // score loop gives each thread a slot and reads its K row 16 bytes at a time; rows of 128
+    // bytes (bf16, D 64) put the 8 lanes of a quarter-warp on the same four banks.
+    static const bool pad = env_is("BABYRT_ATTN_PAD", "1");
+    const int64_t k_stride = pad ? D + E : D;
+    const int64_t slot_bytes = (k_stride + D) * qkv.element_size();
     const int64_t offset = early_rows_offset(S, D);
     const int64_t room = std::min<int64_t>(kEarlyRowsBytes, max_smem - offset);
-    const int early_slots =
-        static_cast<int>(std::clamp<int64_t>(room / (2 * D * qkv.element_size()), 0, S));
-    const size_t smem = early_slots > 0
-        ? offset + 2 * static_cast<size_t>(early_slots) * D * qkv.element_size()
-        : attend_smem_bytes(S, D, kAttnThreads);
+    const int early_slots = static_cast<int>(std::clamp<int64_t>(room / slot_bytes, 0, S));
+    const size_t smem = early_slots > 0 ? offset + static_cast<size_t>(early_slots) * slot_bytes
+                                        : attend_smem_bytes(S, D, kAttnThreads);
     AttnArgs a{qkv.const_data_ptr(), positions.const_data_ptr<int64_t>(),
                cos ? cos->const_data_ptr<float>() : nullptr,
                sin ? sin->const_data_ptr<float>() : nullptr, k_cache.mutable_data_ptr(),
                v_cache.mutable_data_ptr(), out.mutable_data_ptr(), static_cast<int>(H),
                static_cast<int>(KV), static_cast<int>(D), static_cast<int>(S),
-               cos ? static_cast<int>(cos->size(0)) : 0, early_slots};
+               cos ? static_cast<int>(cos->size(0)) : 0, early_slots, static_cast<int>(k_stride)};
     launch(kernel, dim3(H, B), dim3(kAttnThreads), smem, a);
   });
   return out;

@@ -68,6 +68,32 @@ def copy_bandwidth(device: str) -> float:
     return 2 * src.nbytes / best
 
 
+def cuda_graph_seconds(fn, n_inputs: int, iters: int = 200) -> float:
+    """Seconds per call of fn(i % n_inputs) (CUDA ops), timed with CUDA events over a CUDA
+    graph of `iters` back-to-back calls, best of 5, so that host launch overhead is out of the
+    picture. Cycling through n_inputs inputs lets a caller keep them out of L2."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(n_inputs):  # warm-up
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(iters):
+            fn(i % n_inputs)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3 / iters)
+    return best
+
+
 def _now(device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
