@@ -8,8 +8,9 @@ of kernel durations; the rest of the wall time per step is launch latency and ga
 kernels. Under programmatic dependent launch (the default) a kernel starts before its
 predecessor ends and its duration includes the wait, so durations overlap and their sum exceeds
 the wall time; run with BABYRT_PDL=0 for durations alone. The second table holds under PDL too:
-a kernel's marginal time is its end less the previous kernel's end (in start order), what it
-adds to the step, and its head start is how long before the previous kernel's end it started.
+a kernel's marginal time is what it adds to the step, its end less the later of the previous
+kernel's end (in start order) and its own start; its head start is how long before the previous
+kernel's end it started, and its gap how long after (idle time, e.g. between graph replays).
 """
 from __future__ import annotations
 
@@ -66,33 +67,35 @@ def profile(shape: str, quantize: bool, new_tokens: int, top: int) -> dict:
     print("|---|---|---|---|")
     for name, (n, us) in rows[:top]:
         print(f"| {name} | {n / steps:.2f} | {us / steps:.2f} | {us / n:.2f} |")
-    print("\n| kernel | per step | marginal us/step | marginal us each | head start us each |")
-    print("|---|---|---|---|---|")
-    for name, (n, add, head) in sorted(marginal.items(), key=lambda kv: -kv[1][1])[:top]:
-        print(f"| {name} | {n / steps:.2f} | {add / steps:.2f} | {add / n:.2f} | {head / n:.2f} |")
+    print("\n| kernel | per step | marginal us/step | marginal us each | head start us each | gap us/step |")
+    print("|---|---|---|---|---|---|")
+    for name, (n, add, head, gap) in sorted(marginal.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"| {name} | {n / steps:.2f} | {add / steps:.2f} | {add / n:.2f} | {head / n:.2f} | "
+              f"{gap / steps:.2f} |")
     return {"shape": shape, "int8": quantize, "tok_s": stats["decode_steps"] / stats["decode_seconds"],
             "us_per_step": step_us, "kernels_per_step": count / steps,
             "busy_us_per_step": busy / steps,
             "kernels": [{"name": k, "count": n, "us": us} for k, (n, us) in rows],
-            "marginal": [{"name": k, "count": n, "us": add, "head_start_us": head}
-                         for k, (n, add, head) in marginal.items()]}
+            "marginal": [{"name": k, "count": n, "us": add, "head_start_us": head, "gap_us": gap}
+                         for k, (n, add, head, gap) in marginal.items()]}
 
 
 def marginal_costs(prof) -> dict:
-    """Per kernel name: [count, sum of marginal us, sum of head-start us] over the kernels of
-    the profile in start order (one stream at a time: a step's kernels run in order)."""
+    """Per kernel name: [count, sum of marginal us, of head-start us, of gap us] over the
+    kernels of the profile in start order (one stream at a time: a step's kernels run in order)."""
     by_stream = defaultdict(list)
     for e in prof.profiler.kineto_results.events():
         if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0:
             by_stream[e.device_resource_id()].append((e.start_ns(), e.end_ns(), e.name()[:90]))
-    out = defaultdict(lambda: [0, 0.0, 0.0])
+    out = defaultdict(lambda: [0, 0.0, 0.0, 0.0])
     for events in by_stream.values():
         events.sort()
         for (_, prev_end, _), (start, end, name) in zip(events, events[1:]):
             k = out[name]
             k[0] += 1
-            k[1] += max(0, end - prev_end) / 1e3
+            k[1] += max(0, end - max(prev_end, start)) / 1e3
             k[2] += max(0, prev_end - start) / 1e3
+            k[3] += max(0, start - prev_end) / 1e3
     return out
 
 
