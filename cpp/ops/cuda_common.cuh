@@ -530,8 +530,8 @@ __host__ __device__ constexpr size_t attend_smem_bytes(int S, int D, int threads
 // and v into the cache at the sequence's position, softmax(q K^T / sqrt(D)) V over the slots up
 // to it, into out. smem: attend_smem_bytes. kCopy: kv_copy (or null) is shared memory that
 // already holds the head's K rows of the slots before the position (a.k_stride elements
-// apart), and a.early_slots K rows further on its V rows (D apart); the new k and v go there too, and the slots are read from there
-// instead of the cache. (A template flag, so that decode_step, which copies nothing, reads the
+// apart), and a.early_slots K rows further on its V rows (D apart); the new k and v go there
+// too, and the slots are read from there instead of the cache. (A template flag, so that decode_step, which copies nothing, reads the
 // cache through global loads, not through pointers chosen at run time.)
 template <typename T, int kThreads, typename Block, bool kCopy = false>
 __device__ void attend(const AttnArgs& a, int h, int b, float* smem, T* kv_copy = nullptr) {

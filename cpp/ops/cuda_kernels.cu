@@ -481,11 +481,12 @@ bool launch_gemv(GemvArgs a) {
       if (wide && a.M == 1 && chunks > 32 * kBatch && chunks <= 64 * kBatch &&
           launch_gemv_grid<T, W, S, kAct, 2 * kBatch>(a, true))
         return true;
-      // One row of x against per-channel rows: the row-buffer kernel where two grids fit.
+      // One row of x against per-channel rows: the row-buffer kernel where its grid fits.
       if (!regs && a.M == 1 && a.group == a.K && launch_gemv_rowbuf<T, S, kAct>(a)) return true;
-      // Per-channel rows of 257 to 384 chunks, one row of x: kLongRowBatch chunks a lane.
-      // 2048x5632 (H200): 4.25 us (69% of copy) against 5.30 at 8 chunks a lane (two round
-      // trips a warp) and 4.81 wide (one round trip at 2 blocks an SM).
+      // Where it does not (or with BABYRT_GEMV=regs): per-channel rows of 257 to 384 chunks,
+      // one row of x, take kLongRowBatch chunks a lane. 2048x5632 (H200): 4.25 us (69% of
+      // copy) against 5.30 at 8 chunks a lane (two round trips a warp) and 4.81 wide (one round
+      // trip at 2 blocks an SM).
       if (a.M == 1 && a.group == a.K && chunks > 32 * kBatch && chunks <= 32 * kLongRowBatch &&
           launch_gemv_grid<T, W, S, kAct, kLongRowBatch, true>(a, true))
         return true;
