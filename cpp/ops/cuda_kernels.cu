@@ -44,6 +44,19 @@ __host__ __device__ constexpr size_t early_rows_offset(int S, int D) {
   return (attend_smem_bytes(S, D, kAttnThreads) + 15) / 16 * 16;
 }
 
+// act(x) into a GEMV block's shared memory (kWarps warps): RMSNorm of one 16-bit row in one
+// round trip to L2 where the block covers it (stage_rmsnorm_row), else stage_activations.
+template <typename T, typename W, Act kAct>
+__device__ __forceinline__ void stage_block(const GemvArgs& a, unsigned char* smem) {
+  if constexpr (kAct == Act::kRmsNorm && sizeof(T) == 2) {  // fp32 x: 94 registers, left out
+    if (a.M == 1 && a.K <= 16 * kWarps * 32) {  // one row: one round trip (stories15M +4%)
+      stage_rmsnorm_row<T, W, WholeBlock>(a, smem);
+      return;
+    }
+  }
+  stage_activations<T, W, kAct>(a, smem);
+}
+
 // T: dtype of x and y. W: weight element (T, or int8_t with scales S).
 //
 // Each block first stages act(x) in shared memory (once per block), then each warp streams
@@ -94,14 +107,7 @@ __global__ void __launch_bounds__(kWarps * 32, kB <= kLongRowBatch ? 3 : 2) gemv
   load_batch(row_of(0), col);
   wait_for_inputs();
   allow_next_launch();  // only after the wait: see attention_decode_kernel
-  if constexpr (kAct == Act::kRmsNorm && sizeof(T) == 2) {  // fp32 x: 94 registers, left out
-    if (a.M == 1 && a.K <= 16 * kWarps * 32)  // one row: one round trip (stories15M +4%)
-      stage_rmsnorm_row<T, W, WholeBlock>(a, smem);
-    else
-      stage_activations<T, W, kAct>(a, smem);
-  } else {
-    stage_activations<T, W, kAct>(a, smem);
-  }
+  stage_block<T, W, kAct>(a, smem);
 
   for (int r = 0; r < a.rows_per_warp; ++r) {
     const int n = row_of(r);
@@ -361,14 +367,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) gemv_rowbuf_kernel(GemvArgs a)
   const float scale = lane < R && n0 + lane < a.N ? to_float(static_cast<const S*>(a.scales)[n0 + lane]) : 0.f;
   wait_for_inputs();
   allow_next_launch();  // only after the wait: see attention_decode_kernel
-  if constexpr (kAct == Act::kRmsNorm) {
-    if (a.K <= 16 * kWarps * 32)
-      stage_rmsnorm_row<T, int8_t, WholeBlock>(a, smem);
-    else
-      stage_activations<T, int8_t, kAct>(a, smem);
-  } else {
-    stage_activations<T, int8_t, kAct>(a, smem);
-  }
+  stage_block<T, int8_t, kAct>(a, smem);
   cp_async_wait_all();
   for (int r = 0; r < R && n0 + r < a.N; ++r) {
     const float row_scale = __shfl_sync(0xffffffff, scale, r);
