@@ -624,7 +624,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs
     const int n = static_cast<int>(p * a.D / E);  // 16-byte chunks of slots 0..p-1
     const int vecs = a.D / E, k_vecs = a.k_stride / E;
     for (int i = threadIdx.x; i < n; i += kAttnThreads) {
-      cp_async16(k_dst + (i / vecs) * k_vecs + i % vecs, k_src + i);
+      cp_async16(k_dst + (k_vecs == vecs ? i : (i / vecs) * k_vecs + i % vecs), k_src + i);
       cp_async16(v_dst + i, v_src + i);
     }
   }
