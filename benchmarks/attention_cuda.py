@@ -57,13 +57,14 @@ def main():
     ap.add_argument("--positions", default="16,144,272")
     ap.add_argument("--json")
     a = ap.parse_args()
-    unknown = set(a.shapes.split(",")) - set(SHAPES)
+    shapes = a.shapes.split(",")
+    unknown = set(shapes) - set(SHAPES)
     if unknown:
         ap.error(f"unknown shapes {sorted(unknown)}; choose from {sorted(SHAPES)}")
     positions = [int(p) for p in a.positions.split(",")]
     if not all(0 <= p < CACHE_SLOTS for p in positions):
         ap.error(f"positions must lie in 0..{CACHE_SLOTS - 1}")
-    rows = [r for s in a.shapes.split(",") for r in measure(s, positions)]
+    rows = [r for s in shapes for r in measure(s, positions)]
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)

@@ -36,7 +36,7 @@ def main():
         t_bf16 = cuda_graph_seconds(lambda i: torch.nn.functional.linear(x, ws[i]), n_copies)
         t_ours = cuda_graph_seconds(lambda i: torch.ops.babyrt.linear(x, ws[i], None, None), n_copies)
         want = x.float() @ torch.ops.babyrt.dequantize(*qs[0]).T
-        got = torch.ops.babyrt.linear(x, qs[0][0], qs[0][1], None).float()
+        got = torch.ops.babyrt.linear(x, *qs[0], None).float()
         err = ((got - want).abs().max() / want.abs().max()).item()
         q_bytes = N * K + qs[0][1].nbytes
         row = {"shape": f"{N}x{K}", "int8_us": t_q8 * 1e6, "int8_gb_s": q_bytes / t_q8 / 1e9,

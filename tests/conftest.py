@@ -70,6 +70,14 @@ def corpus_file(tmp_path_factory, corpus_text) -> Path:
     return p
 
 
+def run_tests_under(env: dict, path, select: str) -> subprocess.CompletedProcess:
+    """pytest -k `select` on `path` in a fresh process with `env` set: the kernels read their
+    switches (BABYRT_GEMV, BABYRT_CPU_ISA, ...) once per process."""
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           str(path), "-k", select], env={**os.environ, **env},
+                          capture_output=True, text=True)
+
+
 def int8_activation_bound(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """[M, N] bound on what rounding x to int8 adds to x @ dequantize(q, s).T: the int8 kernels
     (CPU VNNI, CUDA DP4A) quantize x per block, a step of at most max|x row| / 127, so each

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import babyrt
-from conftest import int8_activation_bound
+from conftest import int8_activation_bound, run_tests_under
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
@@ -136,9 +136,7 @@ def test_cuda_attention_variant():
     16 bytes wider than a row. The attention tests and the CUDA greedy parity pass with it."""
     if os.environ.get("BABYRT_ATTN_PAD"):
         pytest.skip("already running the variant")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                        "-k", "(attention or graph_greedy) and not variant"],
-                       env={**os.environ, "BABYRT_ATTN_PAD": "1"}, capture_output=True, text=True)
+    r = run_tests_under({"BABYRT_ATTN_PAD": "1"}, __file__, "(attention or graph_greedy) and not variant")
     assert r.returncode == 0, r.stdout[-3000:]
 
 

@@ -2,15 +2,13 @@
 is a GPU, on CUDA: linear (float and int8, per channel and group-wise), the fused norm/SwiGLU
 linears, attention with RoPE and the KV cache, and quantization itself."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import babyrt  # noqa: F401  (registers torch.ops.babyrt)
-from conftest import int8_activation_bound
+from conftest import int8_activation_bound, run_tests_under
 from babyrt.quantize import QuantConfig, dequantize, quantize_weight
 from babyrt.training.models.layers import apply_rope, rope_tables
 
@@ -113,9 +111,7 @@ def test_cuda_gemv_variant(variant):
     =rowbuf-tall: the row-buffer kernel at 3 or 4 rows a warp too (11264x2048)."""
     if os.environ.get("BABYRT_GEMV"):
         pytest.skip("already running a variant")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                        __file__, "-k", "cuda and (linear or fused)"],
-                       env={**os.environ, "BABYRT_GEMV": variant}, capture_output=True, text=True)
+    r = run_tests_under({"BABYRT_GEMV": variant}, __file__, "cuda and (linear or fused)")
     assert r.returncode == 0, r.stdout[-3000:]
 
 
@@ -268,9 +264,8 @@ def test_ops_reject_bad_shapes():
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 def test_every_cpu_kernel_variant(isa):
     """The CPU picks its best kernels; capping the ISA runs the others through the same tests."""
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                        __file__, "-k", "cpu and (linear or fused or attention) or isa_cap"],
-                       env={**os.environ, "BABYRT_CPU_ISA": isa}, capture_output=True, text=True)
+    r = run_tests_under({"BABYRT_CPU_ISA": isa}, __file__,
+                        "cpu and (linear or fused or attention) or isa_cap")
     assert r.returncode == 0, r.stdout[-3000:]
 
 
