@@ -6,7 +6,7 @@ and what it adds after the QKV GEMV that feeds it (as in a decode step, under PD
 
 Each timing is a CUDA graph of 200 back-to-back calls (babyrt.bench.cuda_graph_seconds); the
 QKV weights (bf16) cycle through enough copies to be read from HBM. The kernels' opt-in switches
-(BABYRT_ATTN_PAD=1, BABYRT_PDL=0) come from the environment: compare runs with and without.
+(BABYRT_PDL=0) come from the environment: compare runs with and without.
 """
 import argparse
 import json

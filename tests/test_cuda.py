@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import babyrt
-from conftest import int8_activation_bound, run_tests_under
+from conftest import int8_activation_bound
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
@@ -131,22 +131,14 @@ def test_cuda_fused_decode_ops_match_references(dtype, M, N, K):
             assert ((got.float() - want.float()).abs() <= bound).all()
 
 
-def test_cuda_attention_variant():
-    """BABYRT_ATTN_PAD=1 (opt-in): the decode kernel spaces its shared-memory copy of the K rows
-    16 bytes wider than a row. The attention tests and the CUDA greedy parity pass with it."""
-    if os.environ.get("BABYRT_ATTN_PAD"):
-        pytest.skip("already running the variant")
-    r = run_tests_under({"BABYRT_ATTN_PAD": "1"}, __file__, "(attention or graph_greedy) and not variant")
-    assert r.returncode == 0, r.stdout[-3000:]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H,KV,D", [(6, 6, 48), (32, 4, 64), (4, 2, 128)])
 def test_cuda_decode_attention_matches_reference(dtype, H, KV, D):
     """The decode kernel (one token per sequence, sequences at different positions) against
     the reference path, including the cache it writes. The kernel copies the filled slots into
-    shared memory where they fit (96 KB: bf16 D 64 holds 384 slots) and reads the cache where
-    they do not (position 299 with D 128, or fp32 D 48): both paths run here."""
+    shared memory where they fit (96 KB: bf16 D 64 holds 361 slots, its K rows padded by 16
+    bytes) and reads the cache where they do not (position 299 with D 128, or fp32 D 48): both
+    paths run here."""
     from test_ops import reference_attention
     from babyrt.training.models.layers import rope_tables
     torch.manual_seed(H + D)

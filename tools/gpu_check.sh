@@ -50,7 +50,7 @@ if [[ $what == *int8* || $what == all ]]; then
 fi
 if [[ $what == *attn* ]]; then
   # Decode attention alone and after its QKV GEMV, by default and under each of ATTN_VARIANTS.
-  for v in none ${ATTN_VARIANTS:-BABYRT_ATTN_PAD=1}; do
+  for v in none ${ATTN_VARIANTS:-BABYRT_PDL=0}; do
     with_setting "$v" timeout 120 python3 "$repo/benchmarks/attention_cuda.py" ${ATTN_SHAPES:+--shapes $ATTN_SHAPES} \
       2>&1 | grep -v Warn | sed "s/^/$v: /" | tee -a "$OUT/attention.txt"
   done

@@ -382,10 +382,11 @@ __global__ void __launch_bounds__(kWarps * 32, 4) gemv_rowbuf_kernel(GemvArgs a)
 // where two calls' grids then fit at once, else two rows where one grid fits. Measured on the
 // H200 (benchmarks/int8_gemv_cuda.py): 5632x2048 4.02 us at two rows a warp (352 blocks, one
 // grid fits), 4.18 at three (two grids fit), 4.15 at four; 2048x5632 3.92-3.98 at one or two,
-// 4.45 at four; 64x256 1.26 at one, 1.56 at two. BABYRT_ROWBUF_ROWS=R (to measure) asks for R
-// rows a warp (up to kRowbufMaxRows) wherever one grid fits. BABYRT_GEMV=rowbuf-tall (opt-in,
-// not yet measured) also takes three or four rows a warp where only that fits one grid (1B's
-// 11264x2048 w13, which otherwise runs gemv_kernel).
+// 4.45 at four; 64x256 1.26 at one, 1.56 at two. Rows of 2,048 bytes and longer also take three
+// or four rows a warp where only that fits one grid (1B's 11264x2048 w13 and 32000x2048
+// classifier: 1B int8 1,428 -> 1,484 tok/s; stories110M's 32000x768 classifier was 1% slower, so
+// shorter rows stay on gemv_kernel). BABYRT_ROWBUF_ROWS=R (to measure) asks for R rows a warp
+// (up to kRowbufMaxRows) wherever one grid fits.
 template <typename T, typename S, Act kAct>
 bool launch_gemv_rowbuf(GemvArgs a) {
   auto kernel = gemv_rowbuf_kernel<T, S, kAct>;
@@ -394,7 +395,7 @@ bool launch_gemv_rowbuf(GemvArgs a) {
     const char* v = std::getenv("BABYRT_ROWBUF_ROWS");
     return v ? std::clamp(std::atoi(v), 0, kRowbufMaxRows) : 0;
   }();
-  static const bool tall = env_is("BABYRT_GEMV", "rowbuf-tall");
+  const bool tall = a.K >= 2048;
   auto smem_of = [&](int R) { return rowbuf_offset<T>(a.K) + static_cast<size_t>(kWarps) * R * a.K; };
   // Blocks at R rows a warp, if `grids` of them fit on the device at once (else 0).
   auto fitting_blocks = [&](int R, int grids) -> int64_t {
@@ -624,7 +625,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs
     const int n = static_cast<int>(p * a.D / E);  // 16-byte chunks of slots 0..p-1
     const int vecs = a.D / E, k_vecs = a.k_stride / E;
     for (int i = threadIdx.x; i < n; i += kAttnThreads) {
-      cp_async16(k_dst + (k_vecs == vecs ? i : (i / vecs) * k_vecs + i % vecs), k_src + i);
+      cp_async16(k_dst + (i / vecs) * k_vecs + i % vecs, k_src + i);
       cp_async16(v_dst + i, v_src + i);
     }
   }
@@ -724,11 +725,12 @@ at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, co
         kernel_room(kernel, [](int optin, int fixed) { return optin - fixed; }).smem;
     // Early K and V rows: as many slots as fit in kEarlyRowsBytes and on the device (none
     // where attend's own scores take the room: those slots are read from the cache).
-    // BABYRT_ATTN_PAD=1 (opt-in, to measure): K rows 16 bytes apart more than their size. The
-    // score loop gives each thread a slot and reads its K row 16 bytes at a time; rows of 128
-    // bytes (bf16, D 64) put the 8 lanes of a quarter-warp on the same four banks.
-    static const bool pad = env_is("BABYRT_ATTN_PAD", "1");
-    const int64_t k_stride = pad ? D + E : D;
+    // The copied K rows lie 16 bytes further apart than their size: the score loop gives each
+    // thread a slot and reads its K row 16 bytes at a time, and rows of 128 bytes (bf16, D 64)
+    // put the 8 lanes of a quarter-warp on the same four banks. Measured on the H200
+    // (benchmarks/attention_cuda.py, stories110M at position 272): 5.45 -> 4.38 us alone;
+    // stories110M bf16 4,079 -> 4,192 tok/s.
+    const int64_t k_stride = D + E;
     const int64_t slot_bytes = (k_stride + D) * qkv.element_size();
     const int64_t offset = early_rows_offset(S, D);
     const int64_t room = std::min<int64_t>(kEarlyRowsBytes, max_smem - offset);
