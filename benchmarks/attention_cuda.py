@@ -1,5 +1,7 @@
 """Time of babyrt's CUDA decode attention at batch 1 for the shapes of `babyrt bench`: alone,
-and what it adds after the QKV GEMV that feeds it (as in a decode step, under PDL).
+what it adds after the QKV GEMV that feeds it (as in a decode step, under PDL), and the QKV
+GEMV, attention and wo projection as a decode step runs them (attention_linear: one kernel for
+attention and wo) against attention and wo as two kernels.
 
     python benchmarks/attention_cuda.py [--shapes stories15M,stories110M,1b-gqa]
                                         [--positions 16,144,272] [--json OUT]
@@ -34,6 +36,7 @@ def measure(shape: str, positions: list) -> list:
     rows = (H + 2 * KV) * D
     copies = max(4, 4 * torch.cuda.get_device_properties(0).L2_cache_size // (2 * rows * dim) + 1)
     ws = [torch.randn(rows, dim, **bf16) * dim ** -0.5 for _ in range(copies)]
+    wos = [torch.randn(dim, H * D, **bf16) * dim ** -0.5 for _ in range(copies)]
     qkv = ops.rmsnorm_linear(x, norm, 1e-5, ws[0], None)
     out = []
     for p in positions:
@@ -41,12 +44,19 @@ def measure(shape: str, positions: list) -> list:
         gemv = lambda i: ops.rmsnorm_linear(x, norm, 1e-5, ws[i], None)  # noqa: E731
         attn = lambda i: ops.attention(qkv, pos, cos, sin, kc, vc, H, KV)  # noqa: E731
         both = lambda i: ops.attention(gemv(i), pos, cos, sin, kc, vc, H, KV)  # noqa: E731
-        t_gemv, t_attn, t_both = (1e6 * cuda_graph_seconds(f, copies) for f in (gemv, attn, both))
+        two = lambda i: ops.linear(ops.attention(gemv(i), pos, cos, sin, kc, vc, H, KV),  # noqa: E731
+                                   wos[i], None, x)
+        one = lambda i: ops.attention_linear(gemv(i), pos, cos, sin, kc, vc, H, KV,  # noqa: E731
+                                             wos[i], None, x)
+        t_gemv, t_attn, t_both, t_two, t_one = (1e6 * cuda_graph_seconds(f, copies)
+                                                for f in (gemv, attn, both, two, one))
         row = {"shape": shape, "H": H, "KV": KV, "D": D, "position": p, "attention_us": t_attn,
                "qkv_gemv_us": t_gemv, "gemv_then_attention_us": t_both,
-               "attention_adds_us": t_both - t_gemv}
+               "attention_adds_us": t_both - t_gemv, "qkv_attention_wo_us": t_two,
+               "qkv_attention_linear_us": t_one}
         print(f"{shape} (H {H}, KV {KV}, D {D}) position {p}: attention {t_attn:.2f} us alone, "
-              f"QKV GEMV {t_gemv:.2f} us, both {t_both:.2f} us (attention adds {t_both - t_gemv:.2f})")
+              f"QKV GEMV {t_gemv:.2f} us, both {t_both:.2f} us (attention adds {t_both - t_gemv:.2f}); "
+              f"QKV, attention, wo {t_two:.2f} us, with attention_linear {t_one:.2f} us")
         out.append(row)
     return out
 

@@ -182,6 +182,49 @@ def test_attention_prefill_then_decode(device, H, KV, D):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H,KV,D", [(6, 6, 48), (12, 12, 64), (4, 2, 128), (32, 4, 64)])
+@pytest.mark.parametrize("weights", ["float", "int8", "int8-g32-bf16"])
+def test_attention_linear_equals_attention_then_linear(device, dtype, H, KV, D, weights):
+    """attention_linear equals attention, then linear with the residual: output and cache, the
+    same bits every call. On CUDA it is one kernel at decode (a cluster of blocks, one per
+    head, up to 16 heads; (32, 4, 64) runs the two ops), which computes the product in fp32
+    where the int8 GEMV rounds the attention output to int8 per 16 values. Sequences at
+    positions 0, 17 and 299: the kernel copies their slots into shared memory where they fit
+    and reads the cache where they do not (D 128 at 299)."""
+    torch.manual_seed(H + D)
+    B, S, dim = 3, 300, 96
+    opt = dict(device=device, dtype=dtype)
+    cos, sin = (t.to(device) for t in rope_tables(D, S, 10000.0))
+    caches = [torch.randn(B, KV, S, D, **opt) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    positions = torch.tensor([[0], [17], [299]], device=device)
+    qkv = torch.randn(B, 1, (H + 2 * KV) * D, **opt)
+    residual = torch.randn(B, 1, dim, **opt)
+    w = torch.randn(dim, H * D) * (H * D) ** -0.5
+    if weights == "float":
+        q, s = w.to(**opt), None
+    else:
+        q, s = quantize_weight(w, 32 if "g32" in weights else None, "bf16" if "bf16" in weights else "fp32")
+        q, s = q.to(device), s.to(device)
+    got = ops.attention_linear(qkv, positions, cos, sin, *caches, H, KV, q, s, residual)
+    y = ops.attention(qkv, positions, cos, sin, *ref_caches, H, KV)
+    want = ops.linear(y, q, s, residual)
+    assert got.dtype == dtype and got.shape == (B, 1, dim)
+    torch.testing.assert_close(caches[0], ref_caches[0], atol=0, rtol=0)
+    torch.testing.assert_close(caches[1], ref_caches[1], atol=0, rtol=0)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    bound = tol + tol * want.float().abs()
+    if s is not None and device == "cuda":  # the GEMV's int8 rounding of y, which the kernel skips
+        bound = bound + int8_activation_bound(y.view(B, -1), q, s).view(B, 1, dim)
+    assert ((got.float() - want.float()).abs() <= bound).all()
+    again = ops.attention_linear(qkv, positions, cos, sin, *caches, H, KV, q, s, residual)
+    assert torch.equal(again, got)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        ops.attention_linear(qkv, positions, cos, sin, *caches, H, KV, q[:, 1:], None, residual)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("weights", ["float", "int8", "int8-g32-bf16"])
 def test_embedding(device, dtype, weights):

@@ -532,9 +532,11 @@ __host__ __device__ constexpr size_t attend_smem_bytes(int S, int D, int threads
 // already holds the head's K rows of the slots before the position (a.k_stride elements
 // apart), and a.early_slots K rows further on its V rows (D apart); the new k and v go there
 // too, and the slots are read from there instead of the cache. (A template flag, so that decode_step, which copies nothing, reads the
-// cache through global loads, not through pointers chosen at run time.)
+// cache through global loads, not through pointers chosen at run time.) y_smem (or null): the
+// head's output goes there instead, as floats rounded to T (attention_linear_kernel).
 template <typename T, int kThreads, typename Block, bool kCopy = false>
-__device__ void attend(const AttnArgs& a, int h, int b, float* smem, T* kv_copy = nullptr) {
+__device__ void attend(const AttnArgs& a, int h, int b, float* smem, T* kv_copy = nullptr,
+                       float* y_smem = nullptr) {
   constexpr int E = 16 / sizeof(T);  // cache elements per 16-byte vector
   constexpr bool kCG = Block::kCoherent;
   __shared__ float q[kMaxHeadDim];
@@ -546,7 +548,10 @@ __device__ void attend(const AttnArgs& a, int h, int b, float* smem, T* kv_copy 
   const T* row = static_cast<const T*>(a.qkv) + static_cast<int64_t>(b) * (a.H + 2 * a.KV) * D;
   T* out = static_cast<T*>(a.out) + (static_cast<int64_t>(b) * a.H + h) * D;
   if (p < 0 || p >= a.S || (a.cos && p >= a.P)) {  // the runtime never asks this; stay in bounds
-    for (int d = threadIdx.x; d < D; d += kThreads) out[d] = from_float<T>(0.f);
+    for (int d = threadIdx.x; d < D; d += kThreads) {
+      if (y_smem) y_smem[d] = 0.f;
+      else out[d] = from_float<T>(0.f);
+    }
     return;
   }
   const int64_t cache_off = (static_cast<int64_t>(b) * a.KV + kvh) * a.S * D;
@@ -668,7 +673,8 @@ __device__ void attend(const AttnArgs& a, int h, int b, float* smem, T* kv_copy 
   for (int d = threadIdx.x; d < D; d += kThreads) {
     float v = 0.f;
     for (int i = 0; i < rows; ++i) v += partial[i * D + d];
-    out[d] = from_float<T>(v / total);
+    if (y_smem) y_smem[d] = round_to<T>(v / total);
+    else out[d] = from_float<T>(v / total);
   }
 }
 

@@ -38,6 +38,7 @@ constexpr int kBatch = 8;        // 16-byte weight chunks per lane in flight at 
 constexpr int kLongRowBatch = 12;
 constexpr int kAttnThreads = 256;
 constexpr int64_t kEarlyRowsBytes = 96 << 10;  // shared memory for attention's early K and V rows
+constexpr int64_t kMaxAttnCluster = 16;  // heads attention_linear_kernel takes (one cluster)
 
 // Where attention_decode_kernel's early rows start in its shared memory: after attend's.
 __host__ __device__ constexpr size_t early_rows_offset(int S, int D) {
@@ -608,27 +609,34 @@ at::Tensor swiglu_linear_cuda(const at::Tensor& gate_up, const at::Tensor& w,
 // after its own wait: by then every kernel before that GEMV has finished, the previous step's
 // sampler (which wrote the position) and attention (which wrote the last slot) included. Any
 // other kernel before this one (cuBLAS, a copy) does not trigger early launches at all.
+// The K and V rows of sequence b's slots 0..p-1 (kv head kvh) into shared memory at rows, by
+// cp.async: K rows a.k_stride apart, then a.early_slots K rows further the V rows (D apart).
+// Returns rows, or null where the slots do not fit (attend then reads the cache).
+template <typename T>
+__device__ T* copy_early_rows(const AttnArgs& a, int b, int kvh, int64_t p, T* rows) {
+  constexpr int E = 16 / sizeof(T);
+  if (p < 0 || p >= a.S || p >= a.early_slots) return nullptr;
+  const int64_t off = (static_cast<int64_t>(b) * a.KV + kvh) * a.S * a.D;
+  const int4* k_src = reinterpret_cast<const int4*>(static_cast<const T*>(a.k_cache) + off);
+  const int4* v_src = reinterpret_cast<const int4*>(static_cast<const T*>(a.v_cache) + off);
+  int4* k_dst = reinterpret_cast<int4*>(rows);
+  int4* v_dst = reinterpret_cast<int4*>(rows + static_cast<int64_t>(a.early_slots) * a.k_stride);
+  const int n = static_cast<int>(p * a.D / E);  // 16-byte chunks of slots 0..p-1
+  const int vecs = a.D / E, k_vecs = a.k_stride / E;
+  for (int i = threadIdx.x; i < n; i += kAttnThreads) {
+    cp_async16(k_dst + (i / vecs) * k_vecs + i % vecs, k_src + i);
+    cp_async16(v_dst + i, v_src + i);
+  }
+  return rows;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs a) {
   extern __shared__ float smem[];  // see attend_smem_bytes, then the early rows
-  constexpr int E = 16 / sizeof(T);
-  T* rows = nullptr;
   const int b = blockIdx.y, kvh = blockIdx.x / (a.H / a.KV);
   const int64_t p = __ldcg(a.positions + b);
-  if (p >= 0 && p < a.S && p < a.early_slots) {  // slots 0..p fit
-    rows = reinterpret_cast<T*>(reinterpret_cast<char*>(smem) + early_rows_offset(a.S, a.D));
-    const int64_t off = (static_cast<int64_t>(b) * a.KV + kvh) * a.S * a.D;
-    const int4* k_src = reinterpret_cast<const int4*>(static_cast<const T*>(a.k_cache) + off);
-    const int4* v_src = reinterpret_cast<const int4*>(static_cast<const T*>(a.v_cache) + off);
-    int4* k_dst = reinterpret_cast<int4*>(rows);
-    int4* v_dst = reinterpret_cast<int4*>(rows + static_cast<int64_t>(a.early_slots) * a.k_stride);
-    const int n = static_cast<int>(p * a.D / E);  // 16-byte chunks of slots 0..p-1
-    const int vecs = a.D / E, k_vecs = a.k_stride / E;
-    for (int i = threadIdx.x; i < n; i += kAttnThreads) {
-      cp_async16(k_dst + (i / vecs) * k_vecs + i % vecs, k_src + i);
-      cp_async16(v_dst + i, v_src + i);
-    }
-  }
+  T* rows = copy_early_rows<T>(
+      a, b, kvh, p, reinterpret_cast<T*>(reinterpret_cast<char*>(smem) + early_rows_offset(a.S, a.D)));
   allow_next_launch();
   wait_for_inputs();
   cp_async_wait_all();  // attend's first sync publishes all the copies
@@ -636,6 +644,87 @@ __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs
   // above), the slots are read from the cache instead.
   if (rows && a.positions[b] != p) rows = nullptr;
   attend<T, kAttnThreads, WholeBlock, true>(a, blockIdx.x, b, smem, rows);
+}
+
+// ------------------------------------------------------------------ attention, then wo
+// attention_linear at decode (one token per sequence): linear(attention(qkv), W, residual) in
+// one kernel, where attention and the wo GEMV took two, and a kernel boundary costs a decode
+// step ~2-3 us whatever its bytes. A cluster of H blocks, one per head, computes every head's
+// output (attend, as attention_decode_kernel does, early K/V copy included); after a cluster
+// barrier each block gathers all H outputs from its peers' shared memory and takes its own
+// rows of W, which it copied into shared memory before the PDL wait. Several clusters per
+// sequence split W's rows between them, so that W is read by as many SMs as there are; each
+// cluster recomputes the heads (attention reads a few KB of cache per head, copied early).
+// The output rows are exact dot products over all of K, one warp a row: no partial sums
+// cross blocks, so the result is the same bits every run.
+struct AttnLinearArgs {
+  const void* w;         // [N, K], T or int8
+  const void* scales;    // [N, K / group] (int8 only)
+  const void* residual;  // [B, 1, N]
+  void* y;               // [B, 1, N]
+  int N, K, group, rows_per_block;
+  int y_own, y_all, w_rows, w_scales, early;  // byte offsets in dynamic shared memory
+};
+
+template <typename T, typename W, typename S>
+__global__ void __launch_bounds__(kAttnThreads) attention_linear_kernel(AttnArgs a, AttnLinearArgs l) {
+  extern __shared__ float smem[];  // attend's, y_own, y_all, the rows and scales of W, early rows
+  constexpr int EW = 16 / sizeof(W);  // weights per 16-byte chunk
+  unsigned char* base = reinterpret_cast<unsigned char*>(smem);
+  const int h = blockIdx.x % a.H, b = blockIdx.y, kvh = h / (a.H / a.KV);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int r0 = (blockIdx.x / a.H * a.H + h) * l.rows_per_block;
+  const int rows = max(0, min(l.rows_per_block, l.N - r0));
+  const int row_chunks = l.K / EW, groups = l.K / l.group;
+  // This block's rows of W and their scales: no kernel writes them, so they load before the wait.
+  int4* w_rows = reinterpret_cast<int4*>(base + l.w_rows);
+  const int4* w_src = reinterpret_cast<const int4*>(static_cast<const W*>(l.w) + static_cast<int64_t>(r0) * l.K);
+  const uint64_t policy = evict_first_policy();  // read once a step
+  for (int i = threadIdx.x; i < rows * row_chunks; i += kAttnThreads) cp_async16(w_rows + i, w_src + i, policy);
+  S* w_scales = reinterpret_cast<S*>(base + l.w_scales);
+  if constexpr (sizeof(W) == 1)
+    for (int i = threadIdx.x; i < rows * groups; i += kAttnThreads)
+      w_scales[i] = static_cast<const S*>(l.scales)[static_cast<int64_t>(r0) * groups + i];
+  const int64_t p = __ldcg(a.positions + b);
+  T* kv_rows = copy_early_rows<T>(a, b, kvh, p, reinterpret_cast<T*>(base + l.early));
+  allow_next_launch();
+  wait_for_inputs();
+  cp_async_wait_all();  // attend's first sync publishes all the copies
+  if (kv_rows && a.positions[b] != p) kv_rows = nullptr;  // as in attention_decode_kernel
+  float* y_own = reinterpret_cast<float*>(base + l.y_own);
+  attend<T, kAttnThreads, WholeBlock, true>(a, h, b, smem, kv_rows, y_own);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();  // every head's output is in its block's shared memory
+  float* y_all = reinterpret_cast<float*>(base + l.y_all);
+  for (int i = threadIdx.x; i < l.K; i += kAttnThreads)
+    y_all[i] = cluster.map_shared_rank(y_own, i / a.D)[i % a.D];
+  cluster.sync();  // y_all is whole here, and no block leaves while a peer still reads it
+  const int64_t out0 = static_cast<int64_t>(b) * l.N + r0;
+  for (int r = warp; r < rows; r += kAttnThreads / 32) {
+    float v = 0.f;
+    for (int c = lane; c < row_chunks; c += 32) {
+      const int4 chunk = w_rows[r * row_chunks + c];
+      const W* wv = reinterpret_cast<const W*>(&chunk);
+      const float4* yv = reinterpret_cast<const float4*>(y_all + c * EW);
+      float dot = 0.f;
+#pragma unroll
+      for (int e = 0; e < EW / 4; ++e) {
+        const float4 y4 = yv[e];
+        dot += to_float(wv[4 * e]) * y4.x + to_float(wv[4 * e + 1]) * y4.y +
+               to_float(wv[4 * e + 2]) * y4.z + to_float(wv[4 * e + 3]) * y4.w;
+      }
+      if constexpr (sizeof(W) == 1) dot *= to_float(w_scales[r * groups + c * EW / l.group]);
+      v += dot;
+    }
+    for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffff, v, off);
+    if (lane == 0) {
+      const float res = to_float(static_cast<const T*>(l.residual)[out0 + r]);
+      static_cast<T*>(l.y)[out0 + r] = from_float<T>(round_to<T>(v) + res);
+    }
+  }
+#endif
 }
 
 // ------------------------------------------------------------------ attention at prefill
@@ -746,6 +835,149 @@ at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, co
     launch(kernel, dim3(H, B), dim3(kAttnThreads), smem, a);
   });
   return out;
+}
+
+// Launches attention_linear_kernel; false where its clusters cannot run (nothing launched).
+// Clusters per sequence: one block an SM's worth, fewer where fewer clusters fit at once (a
+// cluster lies within one GPC); each block takes an equal share of W's rows, whole rows. A block
+// takes at most half an SM's shared memory (the early K/V copy gives way), so that two fit.
+template <typename T, typename W, typename S>
+bool launch_attention_linear(const at::Tensor& qkv, const at::Tensor& positions,
+                             const OptTensor& cos, const OptTensor& sin, at::Tensor& k_cache,
+                             at::Tensor& v_cache, int64_t H, int64_t KV, const at::Tensor& w,
+                             const OptTensor& scales, const at::Tensor& residual, at::Tensor& out) {
+  auto kernel = attention_linear_kernel<T, W, S>;
+  struct Room {
+    KernelRoom room;
+    int64_t budget;  // shared memory a block may take
+  };
+  static const Room sized = [&] {
+    const KernelRoom r = kernel_room(kernel, [](int optin, int fixed) { return optin - fixed; });
+    int device = 0, per_sm = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    if (r.hopper)  // clusters of up to 16 blocks (the portable limit is 8)
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    const int half = per_sm / 2 - static_cast<int>(attr.sharedSizeBytes) - 1024;  // 1 KB reserved a block
+    return Room{r, std::min<int64_t>(r.smem, half)};
+  }();
+  const KernelRoom& room = sized.room;
+  const int64_t budget = sized.budget;
+  if (!room.hopper) return false;
+  const int64_t B = qkv.size(0), D = k_cache.size(3), slots = k_cache.size(2), N = w.size(0), K = w.size(1);
+  const int64_t groups = scales ? scales->size(1) : 1;
+  const int64_t E = 16 / static_cast<int64_t>(sizeof(T));
+  const int64_t k_stride = D + E;  // as in attention_cuda
+  const int64_t slot_bytes = (k_stride + D) * static_cast<int64_t>(sizeof(T));
+  auto up16 = [](int64_t v) { return (v + 15) / 16 * 16; };
+  struct Layout {
+    int64_t clusters, rows_per_block, y_own, y_all, w_rows, w_scales, early, early_slots, smem;
+  };
+  auto layout = [&](int64_t clusters) {
+    Layout l;
+    l.rows_per_block = (N + clusters * H - 1) / (clusters * H);
+    l.clusters = (N + l.rows_per_block * H - 1) / (l.rows_per_block * H);  // none left empty
+    l.y_own = up16(static_cast<int64_t>(attend_smem_bytes(slots, D, kAttnThreads)));
+    l.y_all = l.y_own + up16(D * 4);
+    l.w_rows = l.y_all + up16(K * 4);
+    l.w_scales = l.w_rows + up16(l.rows_per_block * K * static_cast<int64_t>(sizeof(W)));
+    l.early = l.w_scales + up16(scales ? l.rows_per_block * groups * static_cast<int64_t>(sizeof(S)) : 0);
+    const int64_t rows_room = std::clamp<int64_t>(budget - l.early, 0, kEarlyRowsBytes);
+    l.early_slots = std::min<int64_t>(rows_room / slot_bytes, slots);
+    l.smem = l.early + l.early_slots * slot_bytes;
+    return l;
+  };
+  // How many clusters of H blocks of `smem` bytes fit on the device at once (asked once each).
+  auto active_clusters = [&](int64_t smem) {
+    static std::mutex mutex;
+    static std::map<std::pair<int64_t, int64_t>, int> known;
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (auto it = known.find({H, smem}); it != known.end()) return it->second;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(H);
+    config.blockDim = dim3(kAttnThreads);
+    config.dynamicSmemBytes = smem;
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = H;
+    attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+    config.attrs = &attr;
+    config.numAttrs = 1;
+    int n = 0;
+    if (cudaOccupancyMaxActiveClusters(&n, kernel, &config) != cudaSuccess) n = 0;
+    (void)cudaGetLastError();  // an unsupported size answers an error: leave none behind
+    known.emplace(std::make_pair(H, smem), n);
+    return n;
+  };
+  Layout l = layout(std::clamp<int64_t>(room.sms / H, 1, std::max<int64_t>(N / H, 1)));
+  if (l.early > budget) return false;
+  const int fit = active_clusters(l.smem);
+  if (fit == 0) return false;
+  if (fit < l.clusters) {
+    l = layout(fit);
+    if (l.early > budget || active_clusters(l.smem) == 0) return false;
+  }
+  AttnArgs a{qkv.const_data_ptr(), positions.const_data_ptr<int64_t>(),
+             cos ? cos->const_data_ptr<float>() : nullptr, sin ? sin->const_data_ptr<float>() : nullptr,
+             k_cache.mutable_data_ptr(), v_cache.mutable_data_ptr(), nullptr, static_cast<int>(H),
+             static_cast<int>(KV), static_cast<int>(D), static_cast<int>(slots),
+             cos ? static_cast<int>(cos->size(0)) : 0, static_cast<int>(l.early_slots),
+             static_cast<int>(k_stride)};
+  AttnLinearArgs args{w.const_data_ptr(), scales ? scales->const_data_ptr() : nullptr,
+                      residual.const_data_ptr(), out.mutable_data_ptr(), static_cast<int>(N),
+                      static_cast<int>(K), static_cast<int>(K / groups), static_cast<int>(l.rows_per_block),
+                      static_cast<int>(l.y_own), static_cast<int>(l.y_all), static_cast<int>(l.w_rows),
+                      static_cast<int>(l.w_scales), static_cast<int>(l.early)};
+  launch_clustered(kernel, dim3(H * l.clusters, B), dim3(kAttnThreads), static_cast<size_t>(l.smem),
+                   static_cast<int>(H), a, args);
+  return true;
+}
+
+// attention_linear_kernel where it covers the call, else attention_cuda then linear_cuda.
+at::Tensor attention_linear_cuda(const at::Tensor& qkv, const at::Tensor& positions,
+                                 const OptTensor& cos, const OptTensor& sin, at::Tensor& k_cache,
+                                 at::Tensor& v_cache, int64_t H, int64_t KV, const at::Tensor& w,
+                                 const OptTensor& scales, const OptTensor& residual) {
+  check_attention_linear(qkv, positions, cos, sin, k_cache, v_cache, H, KV, w, scales, residual);
+  const int64_t B = qkv.size(0), D = k_cache.size(3), S = k_cache.size(2);
+  const int64_t N = w.size(0), K = w.size(1);
+  const auto dt = qkv.scalar_type();
+  const int64_t E = 16 / qkv.element_size();
+  const bool q8 = scales.has_value();
+  const int64_t group = q8 ? K / scales->size(1) : K;
+  static const bool off = env_is("BABYRT_ATTN_LINEAR", "0");  // to measure the two kernels
+  const bool fits =
+      !off && qkv.size(1) == 1 && residual && (dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16) &&
+      H <= kMaxAttnCluster && D % E == 0 && D <= kMaxHeadDim && S <= kMaxAttnSlots && B < 65536 &&
+      qkv.is_contiguous() && positions.is_contiguous() && k_cache.is_contiguous() &&
+      v_cache.is_contiguous() && aligned16(k_cache) && aligned16(v_cache) &&
+      (!cos || (cos->scalar_type() == at::kFloat && sin->scalar_type() == at::kFloat &&
+                cos->is_contiguous() && sin->is_contiguous())) &&
+      w.is_contiguous() && aligned16(w) && residual->is_contiguous() && N < (int64_t{1} << 30) &&
+      (q8 ? group % 16 == 0 && scales->is_contiguous() &&
+                (scales->scalar_type() == at::kFloat || scales->scalar_type() == at::kBFloat16)
+          : K * w.element_size() % 16 == 0);
+  bool done = false;
+  at::Tensor out;
+  if (fits) {
+    out = at::empty({B, 1, N}, qkv.options());
+    const c10::cuda::CUDAGuard guard(qkv.device());
+    dispatch_float(dt, [&](auto ttag) {
+      using CT = decltype(ttag);
+      auto run = [&](auto wtag, auto stag) {
+        using WT = decltype(wtag);
+        using ST = decltype(stag);
+        done = launch_attention_linear<CT, WT, ST>(qkv, positions, cos, sin, k_cache, v_cache, H,
+                                                   KV, w, scales, *residual, out);
+      };
+      dispatch_weights<CT>(scales, run);
+    });
+  }
+  if (done) return out;
+  at::Tensor y = attention_cuda(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
+  return linear_cuda(y, w, scales, residual);
 }
 
 // ------------------------------------------------------------------ embedding
@@ -910,6 +1142,7 @@ TORCH_LIBRARY_IMPL(babyrt, CUDA, m) {
   m.impl("rmsnorm_linear", rmsnorm_linear_cuda);
   m.impl("swiglu_linear", swiglu_linear_cuda);
   m.impl("attention", attention_cuda);
+  m.impl("attention_linear", attention_linear_cuda);
   m.impl("greedy_advance", greedy_advance_cuda);
   m.impl("embedding", embedding_cuda);
 }

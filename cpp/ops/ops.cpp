@@ -53,6 +53,16 @@ at::Tensor call_linear(const at::Tensor& x, const at::Tensor& w, const OptTensor
   return op.call(x, w, scales, residual);
 }
 
+at::Tensor call_attention(const at::Tensor& qkv, const at::Tensor& positions, const OptTensor& cos,
+                          const OptTensor& sin, at::Tensor& k_cache, at::Tensor& v_cache, int64_t H,
+                          int64_t KV) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("babyrt::attention", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                         const OptTensor&, at::Tensor&, at::Tensor&, int64_t, int64_t)>();
+  return op.call(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
+}
+
 // ------------------------------------------------------------------ references (any device)
 at::Tensor dequantize(const at::Tensor& w, const at::Tensor& scales) {
   BABYRT_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar, "dequantize: weight must be 2-D int8");
@@ -123,6 +133,27 @@ void check_attention(const at::Tensor& qkv, const at::Tensor& positions, const O
                 "attention: rope tables must be [positions, head_dim / 2]");
   BABYRT_CHECK(k_cache.scalar_type() == qkv.scalar_type() && v_cache.scalar_type() == qkv.scalar_type(),
               "attention: caches must have the dtype of qkv");
+}
+
+void check_attention_linear(const at::Tensor& qkv, const at::Tensor& positions, const OptTensor& cos,
+                            const OptTensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            int64_t H, int64_t KV, const at::Tensor& weight, const OptTensor& scales,
+                            const OptTensor& residual) {
+  check_attention(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
+  // The attention's output, [B, T, H * head_dim], is the linear's x: its shape and dtype only.
+  const at::Tensor y = at::empty({qkv.size(0), qkv.size(1), H * k_cache.size(3)},
+                                 qkv.options().device(at::kMeta));
+  check_linear(y, weight, scales, residual);
+}
+
+// The composition of the two ops (each takes its device's kernels).
+at::Tensor attention_linear_unfused(const at::Tensor& qkv, const at::Tensor& positions,
+                                    const OptTensor& cos, const OptTensor& sin, at::Tensor& k_cache,
+                                    at::Tensor& v_cache, int64_t H, int64_t KV, const at::Tensor& w,
+                                    const OptTensor& scales, const OptTensor& residual) {
+  check_attention_linear(qkv, positions, cos, sin, k_cache, v_cache, H, KV, w, scales, residual);
+  return call_linear(call_attention(qkv, positions, cos, sin, k_cache, v_cache, H, KV), w, scales,
+                     residual);
 }
 
 at::Tensor attention_reference(const at::Tensor& qkv, const at::Tensor& positions,
@@ -385,6 +416,9 @@ TORCH_LIBRARY(babyrt, m) {
         "Tensor? residual=None) -> Tensor");
   m.def("attention(Tensor qkv, Tensor positions, Tensor? rope_cos, Tensor? rope_sin, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, int n_heads, int n_kv_heads) -> Tensor");
+  m.def("attention_linear(Tensor qkv, Tensor positions, Tensor? rope_cos, Tensor? rope_sin, "
+        "Tensor(a!) k_cache, Tensor(b!) v_cache, int n_heads, int n_kv_heads, Tensor weight, "
+        "Tensor? scales=None, Tensor? residual=None) -> Tensor");
   m.def("embedding(Tensor tokens, Tensor weight, Tensor? scales, ScalarType dtype) -> Tensor");
   m.def("dequantize(Tensor weight, Tensor scales) -> Tensor");
   m.def("greedy_advance(Tensor logits, Tensor(a!) token, Tensor(b!) position, "
@@ -401,6 +435,7 @@ TORCH_LIBRARY_IMPL(babyrt, CompositeExplicitAutograd, m) {
   m.impl("rmsnorm_linear", rmsnorm_linear_reference);
   m.impl("swiglu_linear", swiglu_linear_reference);
   m.impl("attention", attention_reference);
+  m.impl("attention_linear", attention_linear_unfused);
   m.impl("embedding", embedding_reference);
   m.impl("dequantize", dequantize);
   m.impl("greedy_advance", greedy_advance_reference);

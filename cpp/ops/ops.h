@@ -11,6 +11,10 @@
 //   attention(qkv, positions, cos?, sin?, k_cache!, v_cache!, n_heads, n_kv_heads)
 //        RoPE on q and k, k and v written into the cache at `positions`, then each query
 //        attends to the cache slots <= its position
+//   attention_linear(qkv, positions, cos?, sin?, k_cache!, v_cache!, n_heads, n_kv_heads,
+//                    weight, scales?, residual?)
+//        linear(attention(...), weight, scales, residual): a layer's attention and its output
+//        projection (one kernel at decode on CUDA)
 //   embedding(tokens, weight, scales?, dtype)          rows of W (dequantized), as dtype
 //   dequantize(weight, scales)                          int8 W times its group scales, fp32
 //   greedy_advance(logits, token!, position!, history!)  a greedy decode step's bookkeeping:
@@ -61,6 +65,10 @@ void check_norm(const at::Tensor& x, const at::Tensor& norm_weight);
 void check_attention(const at::Tensor& qkv, const at::Tensor& positions, const OptTensor& cos,
                      const OptTensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      int64_t H, int64_t KV);
+void check_attention_linear(const at::Tensor& qkv, const at::Tensor& positions, const OptTensor& cos,
+                            const OptTensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            int64_t H, int64_t KV, const at::Tensor& weight, const OptTensor& scales,
+                            const OptTensor& residual);
 void check_greedy_advance(const at::Tensor& logits, const at::Tensor& token,
                           const at::Tensor& position, const at::Tensor& history);
 

@@ -1,9 +1,9 @@
 """The exported form of a LLaMA: the same network as training/models/llama.py, written with
-babyrt's fused ops (cpp/ops) so that a decode step is 5 op calls per layer instead of ~30:
+babyrt's fused ops (cpp/ops) so that a decode step is 4 op calls per layer instead of ~30:
 
     qkv = rmsnorm_linear(x, attention_norm, Wqkv)          # q, k, v in one GEMV
-    y   = attention(qkv, positions, rope, k/v cache)       # RoPE + cache write + attention
-    x   = linear(y, Wo, residual=x)
+    x   = attention_linear(qkv, positions, rope, k/v cache, Wo, residual=x)
+                                                           # RoPE + cache write + attention + Wo
     h   = rmsnorm_linear(x, ffn_norm, W13)                  # gate and up in one GEMV
     x   = swiglu_linear(h, W2, residual=x)
 
@@ -49,9 +49,9 @@ class FusedBlock(nn.Module):
                 sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         qkv = torch.ops.babyrt.rmsnorm_linear(x, self.attention_norm, self.eps, self.wqkv.weight,
                                               self.wqkv.scales)
-        y = torch.ops.babyrt.attention(qkv, positions, cos, sin, k_cache, v_cache, self.n_heads,
-                                       self.n_kv_heads)
-        x = torch.ops.babyrt.linear(y, self.wo.weight, self.wo.scales, x)
+        x = torch.ops.babyrt.attention_linear(qkv, positions, cos, sin, k_cache, v_cache,
+                                              self.n_heads, self.n_kv_heads, self.wo.weight,
+                                              self.wo.scales, x)
         h = torch.ops.babyrt.rmsnorm_linear(x, self.ffn_norm, self.eps, self.w13.weight,
                                             self.w13.scales)
         return torch.ops.babyrt.swiglu_linear(h, self.w2.weight, self.w2.scales, x)
