@@ -911,7 +911,11 @@ bool launch_attention_linear(const at::Tensor& qkv, const at::Tensor& positions,
     known.emplace(std::make_pair(H, smem), n);
     return n;
   };
-  Layout l = layout(std::clamp<int64_t>(room.sms / H, 1, std::max<int64_t>(N / H, 1)));
+  static const int64_t forced = [] {  // BABYRT_ATTN_LINEAR_CLUSTERS=n: n clusters (to measure)
+    const char* v = std::getenv("BABYRT_ATTN_LINEAR_CLUSTERS");
+    return v ? std::max(std::atoi(v), 0) : 0;
+  }();
+  Layout l = layout(std::clamp<int64_t>(forced ? forced : room.sms / H, 1, std::max<int64_t>(N / H, 1)));
   if (l.early > budget) return false;
   const int fit = active_clusters(l.smem);
   if (fit == 0) return false;
