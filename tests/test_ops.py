@@ -2,6 +2,7 @@
 is a GPU, on CUDA: linear (float and int8, per channel and group-wise), the fused norm/SwiGLU
 linears, attention with RoPE and the KV cache, and quantization itself."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,6 +115,19 @@ def test_cuda_gemv_variant(variant):
     assert r.returncode == 0, r.stdout[-3000:]
 
 
+@NEEDS_CUDA
+def test_cuda_attention_linear_kernel():
+    """BABYRT_ATTN_LINEAR=1 (opt-in): attention_linear as one CUDA kernel passes the op tests,
+    and the CUDA generation tests (greedy parity with the CPU, batches, graphs) run through it."""
+    if os.environ.get("BABYRT_ATTN_LINEAR"):
+        pytest.skip("already running the kernel")
+    r = run_tests_under({"BABYRT_ATTN_LINEAR": "1"}, __file__, "attention_linear and not kernel")
+    assert r.returncode == 0, r.stdout[-3000:]
+    r = run_tests_under({"BABYRT_ATTN_LINEAR": "1"}, Path(__file__).with_name("test_cuda.py"),
+                        "greedy or batch or graph")
+    assert r.returncode == 0, r.stdout[-3000:]
+
+
 def test_quantize_error_is_within_half_a_step():
     w = torch.randn(96, 256)
     for group in (None, 32, 64, 128):
@@ -187,11 +201,12 @@ def test_attention_prefill_then_decode(device, H, KV, D):
 @pytest.mark.parametrize("weights", ["float", "int8", "int8-g32-bf16"])
 def test_attention_linear_equals_attention_then_linear(device, dtype, H, KV, D, weights):
     """attention_linear equals attention, then linear with the residual: output and cache, the
-    same bits every call. On CUDA it is one kernel at decode (a cluster of blocks, one per
-    head, up to 16 heads; (32, 4, 64) runs the two ops), which computes the product in fp32
-    where the int8 GEMV rounds the attention output to int8 per 16 values. Sequences at
-    positions 0, 17 and 299: the kernel copies their slots into shared memory where they fit
-    and reads the cache where they do not (D 128 at 299)."""
+    same bits every call. With BABYRT_ATTN_LINEAR=1 (test_cuda_attention_linear_kernel) CUDA
+    runs it as one kernel at decode (a cluster of blocks, one per head, up to 16 heads;
+    (32, 4, 64) runs the two ops), which computes the product in fp32 where the int8 GEMV
+    rounds the attention output to int8 per 16 values. Sequences at positions 0, 17 and 299:
+    the kernel copies their slots into shared memory where they fit and reads the cache where
+    they do not (D 128 at 299)."""
     torch.manual_seed(H + D)
     B, S, dim = 3, 300, 96
     opt = dict(device=device, dtype=dtype)

@@ -647,9 +647,9 @@ __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs
 }
 
 // ------------------------------------------------------------------ attention, then wo
-// attention_linear at decode (one token per sequence): linear(attention(qkv), W, residual) in
-// one kernel, where attention and the wo GEMV took two, and a kernel boundary costs a decode
-// step ~2-3 us whatever its bytes. A cluster of H blocks, one per head, computes every head's
+// attention_linear at decode (one token per sequence), opt-in (BABYRT_ATTN_LINEAR=1):
+// linear(attention(qkv), W, residual) in one kernel, where attention and the wo GEMV take two,
+// and a kernel boundary costs a decode step ~2-3 us whatever its bytes. A cluster of H blocks, one per head, computes every head's
 // output (attend, as attention_decode_kernel does, early K/V copy included); after a cluster
 // barrier each block gathers all H outputs from its peers' shared memory and takes its own
 // rows of W, which it copied into shared memory before the PDL wait. Several clusters per
@@ -657,6 +657,16 @@ __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs
 // cluster recomputes the heads (attention reads a few KB of cache per head, copied early).
 // The output rows are exact dot products over all of K, one warp a row: no partial sums
 // cross blocks, so the result is the same bits every run.
+//
+// Measured on the H200, it is slower than the two kernels (thirteenth session). Alone after the
+// QKV GEMV (benchmarks/attention_cuda.py, QKV + attention + wo): stories110M 9.26 vs 9.18 us at
+// position 16, 12.26 vs 11.81 at 272; stories15M 7.67 vs 8.09 at 16, 9.88 vs 8.85 at 272. End to
+// end (babyrt bench --no-peers, bf16 / int8 tok/s): stories110M 3,867 / 4,299 against 4,162 /
+// 5,010, stories15M 9,714 / 10,337 against 10,192 / 11,772. Fewer clusters (1, 2 or 4,
+// BABYRT_ATTN_LINEAR_CLUSTERS) were slower still. Likely causes, not yet separated: each
+// cluster copies every head's K/V rows again (132 blocks, not 12), a cluster must find H free
+// block slots in one GPC at once, and its blocks' ~110 KB of shared memory leave the next GEMV
+// no room to start early.
 struct AttnLinearArgs {
   const void* w;         // [N, K], T or int8
   const void* scales;    // [N, K / group] (int8 only)
@@ -939,7 +949,8 @@ bool launch_attention_linear(const at::Tensor& qkv, const at::Tensor& positions,
   return true;
 }
 
-// attention_linear_kernel where it covers the call, else attention_cuda then linear_cuda.
+// attention_cuda then linear_cuda; with BABYRT_ATTN_LINEAR=1, attention_linear_kernel where
+// it covers the call.
 at::Tensor attention_linear_cuda(const at::Tensor& qkv, const at::Tensor& positions,
                                  const OptTensor& cos, const OptTensor& sin, at::Tensor& k_cache,
                                  at::Tensor& v_cache, int64_t H, int64_t KV, const at::Tensor& w,
@@ -951,9 +962,9 @@ at::Tensor attention_linear_cuda(const at::Tensor& qkv, const at::Tensor& positi
   const int64_t E = 16 / qkv.element_size();
   const bool q8 = scales.has_value();
   const int64_t group = q8 ? K / scales->size(1) : K;
-  static const bool off = env_is("BABYRT_ATTN_LINEAR", "0");  // to measure the two kernels
+  static const bool fused = env_is("BABYRT_ATTN_LINEAR", "1");  // opt-in: slower, see above
   const bool fits =
-      !off && qkv.size(1) == 1 && residual && (dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16) &&
+      fused && qkv.size(1) == 1 && residual && (dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16) &&
       H <= kMaxAttnCluster && D % E == 0 && D <= kMaxHeadDim && S <= kMaxAttnSlots && B < 65536 &&
       qkv.is_contiguous() && positions.is_contiguous() && k_cache.is_contiguous() &&
       v_cache.is_contiguous() && aligned16(k_cache) && aligned16(v_cache) &&

@@ -14,7 +14,7 @@
 //   attention_linear(qkv, positions, cos?, sin?, k_cache!, v_cache!, n_heads, n_kv_heads,
 //                    weight, scales?, residual?)
 //        linear(attention(...), weight, scales, residual): a layer's attention and its output
-//        projection (one kernel at decode on CUDA)
+//        projection, one op so that a device can run them as one kernel (CUDA: opt-in)
 //   embedding(tokens, weight, scales?, dtype)          rows of W (dequantized), as dtype
 //   dequantize(weight, scales)                          int8 W times its group scales, fp32
 //   greedy_advance(logits, token!, position!, history!)  a greedy decode step's bookkeeping:

@@ -3,7 +3,8 @@ babyrt's fused ops (cpp/ops) so that a decode step is 4 op calls per layer inste
 
     qkv = rmsnorm_linear(x, attention_norm, Wqkv)          # q, k, v in one GEMV
     x   = attention_linear(qkv, positions, rope, k/v cache, Wo, residual=x)
-                                                           # RoPE + cache write + attention + Wo
+                                              # RoPE + cache write + attention, then Wo (CUDA:
+                                              # two kernels; one with BABYRT_ATTN_LINEAR=1)
     h   = rmsnorm_linear(x, ffn_norm, W13)                  # gate and up in one GEMV
     x   = swiglu_linear(h, W2, residual=x)
 
