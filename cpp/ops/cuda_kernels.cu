@@ -598,17 +598,6 @@ at::Tensor swiglu_linear_cuda(const at::Tensor& gate_up, const at::Tensor& w,
 }
 
 // ------------------------------------------------------------------ attention at decode
-// One block per (head, sequence).
-//
-// Attention at decode is a chain of round trips to L2 (q, k and v; K rows; V rows; ~5 us
-// whatever the context), but the K and V rows of the slots before the position were written by
-// earlier steps. So before its PDL wait the block copies them into shared memory (cp.async), and
-// after the wait only q, k and v are read from L2 (H200: stories15M 8,900 -> 9,460 tok/s,
-// stories110M 3,456 -> 3,960). Reading the position and the cache before the wait is safe only
-// because every GEMV (the kernel before this one: the QKV projection) lets this kernel launch
-// after its own wait: by then every kernel before that GEMV has finished, the previous step's
-// sampler (which wrote the position) and attention (which wrote the last slot) included. Any
-// other kernel before this one (cuBLAS, a copy) does not trigger early launches at all.
 // The K and V rows of sequence b's slots 0..p-1 (kv head kvh) into shared memory at rows, by
 // cp.async: K rows a.k_stride apart, then a.early_slots K rows further the V rows (D apart).
 // Returns rows, or null where the slots do not fit (attend then reads the cache).
@@ -630,6 +619,17 @@ __device__ T* copy_early_rows(const AttnArgs& a, int b, int kvh, int64_t p, T* r
   return rows;
 }
 
+// One block per (head, sequence).
+//
+// Attention at decode is a chain of round trips to L2 (q, k and v; K rows; V rows; ~5 us
+// whatever the context), but the K and V rows of the slots before the position were written by
+// earlier steps. So before its PDL wait the block copies them into shared memory (cp.async), and
+// after the wait only q, k and v are read from L2 (H200: stories15M 8,900 -> 9,460 tok/s,
+// stories110M 3,456 -> 3,960). Reading the position and the cache before the wait is safe only
+// because every GEMV (the kernel before this one: the QKV projection) lets this kernel launch
+// after its own wait: by then every kernel before that GEMV has finished, the previous step's
+// sampler (which wrote the position) and attention (which wrote the last slot) included. Any
+// other kernel before this one (cuBLAS, a copy) does not trigger early launches at all.
 template <typename T>
 __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs a) {
   extern __shared__ float smem[];  // see attend_smem_bytes, then the early rows
@@ -649,10 +649,11 @@ __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs
 // ------------------------------------------------------------------ attention, then wo
 // attention_linear at decode (one token per sequence), opt-in (BABYRT_ATTN_LINEAR=1):
 // linear(attention(qkv), W, residual) in one kernel, where attention and the wo GEMV take two,
-// and a kernel boundary costs a decode step ~2-3 us whatever its bytes. A cluster of H blocks, one per head, computes every head's
-// output (attend, as attention_decode_kernel does, early K/V copy included); after a cluster
-// barrier each block gathers all H outputs from its peers' shared memory and takes its own
-// rows of W, which it copied into shared memory before the PDL wait. Several clusters per
+// and a kernel boundary costs a decode step ~2-3 us whatever its bytes. A cluster of H blocks,
+// one per head, computes every head's output (attend, as attention_decode_kernel does, early
+// K/V copy included); after a cluster barrier each block gathers all H outputs from its peers'
+// shared memory and takes its own rows of W, which it copied into shared memory before the
+// PDL wait. Several clusters per
 // sequence split W's rows between them, so that W is read by as many SMs as there are; each
 // cluster recomputes the heads (attention reads a few KB of cache per head, copied early).
 // The output rows are exact dot products over all of K, one warp a row: no partial sums
