@@ -674,12 +674,12 @@ struct AttnLinearArgs {
   const void* residual;  // [B, 1, N]
   void* y;               // [B, 1, N]
   int N, K, group, rows_per_block;
-  int y_own, y_all, w_rows, w_scales, early;  // byte offsets in dynamic shared memory
+  int y_own, y_all, w_rows, w_scales, res, early;  // byte offsets in dynamic shared memory
 };
 
 template <typename T, typename W, typename S>
 __global__ void __launch_bounds__(kAttnThreads) attention_linear_kernel(AttnArgs a, AttnLinearArgs l) {
-  extern __shared__ float smem[];  // attend's, y_own, y_all, the rows and scales of W, early rows
+  extern __shared__ float smem[];  // attend's, y_own, y_all, W's rows, scales and residuals, early rows
   constexpr int EW = 16 / sizeof(W);  // weights per 16-byte chunk
   unsigned char* base = reinterpret_cast<unsigned char*>(smem);
   const int h = blockIdx.x % a.H, b = blockIdx.y, kvh = h / (a.H / a.KV);
@@ -696,6 +696,12 @@ __global__ void __launch_bounds__(kAttnThreads) attention_linear_kernel(AttnArgs
   if constexpr (sizeof(W) == 1)
     for (int i = threadIdx.x; i < rows * groups; i += kAttnThreads)
       w_scales[i] = static_cast<const S*>(l.scales)[static_cast<int64_t>(r0) * groups + i];
+  // The residual rows too: the kernels that wrote them ran before the QKV GEMV, which lets this
+  // kernel launch only after its own wait (see attention_decode_kernel).
+  float* res = reinterpret_cast<float*>(base + l.res);
+  const int64_t out0 = static_cast<int64_t>(b) * l.N + r0;
+  for (int i = threadIdx.x; i < rows; i += kAttnThreads)
+    res[i] = to_float(__ldcg(static_cast<const T*>(l.residual) + out0 + i));
   const int64_t p = __ldcg(a.positions + b);
   T* kv_rows = copy_early_rows<T>(a, b, kvh, p, reinterpret_cast<T*>(base + l.early));
   allow_next_launch();
@@ -712,7 +718,6 @@ __global__ void __launch_bounds__(kAttnThreads) attention_linear_kernel(AttnArgs
   for (int i = threadIdx.x; i < l.K; i += kAttnThreads)
     y_all[i] = cluster.map_shared_rank(y_own, i / a.D)[i % a.D];
   cluster.sync();  // y_all is whole here, and no block leaves while a peer still reads it
-  const int64_t out0 = static_cast<int64_t>(b) * l.N + r0;
   for (int r = warp; r < rows; r += kAttnThreads / 32) {
     float v = 0.f;
     for (int c = lane; c < row_chunks; c += 32) {
@@ -730,10 +735,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_linear_kernel(AttnArgs
       v += dot;
     }
     for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffff, v, off);
-    if (lane == 0) {
-      const float res = to_float(static_cast<const T*>(l.residual)[out0 + r]);
-      static_cast<T*>(l.y)[out0 + r] = from_float<T>(round_to<T>(v) + res);
-    }
+    if (lane == 0) static_cast<T*>(l.y)[out0 + r] = from_float<T>(round_to<T>(v) + res[r]);
   }
 #endif
 }
@@ -884,7 +886,7 @@ bool launch_attention_linear(const at::Tensor& qkv, const at::Tensor& positions,
   const int64_t slot_bytes = (k_stride + D) * static_cast<int64_t>(sizeof(T));
   auto up16 = [](int64_t v) { return (v + 15) / 16 * 16; };
   struct Layout {
-    int64_t clusters, rows_per_block, y_own, y_all, w_rows, w_scales, early, early_slots, smem;
+    int64_t clusters, rows_per_block, y_own, y_all, w_rows, w_scales, res, early, early_slots, smem;
   };
   auto layout = [&](int64_t clusters) {
     Layout l;
@@ -894,7 +896,8 @@ bool launch_attention_linear(const at::Tensor& qkv, const at::Tensor& positions,
     l.y_all = l.y_own + up16(D * 4);
     l.w_rows = l.y_all + up16(K * 4);
     l.w_scales = l.w_rows + up16(l.rows_per_block * K * static_cast<int64_t>(sizeof(W)));
-    l.early = l.w_scales + up16(scales ? l.rows_per_block * groups * static_cast<int64_t>(sizeof(S)) : 0);
+    l.res = l.w_scales + up16(scales ? l.rows_per_block * groups * static_cast<int64_t>(sizeof(S)) : 0);
+    l.early = l.res + up16(l.rows_per_block * 4);
     const int64_t rows_room = std::clamp<int64_t>(budget - l.early, 0, kEarlyRowsBytes);
     l.early_slots = std::min<int64_t>(rows_room / slot_bytes, slots);
     l.smem = l.early + l.early_slots * slot_bytes;
@@ -944,7 +947,7 @@ bool launch_attention_linear(const at::Tensor& qkv, const at::Tensor& positions,
                       residual.const_data_ptr(), out.mutable_data_ptr(), static_cast<int>(N),
                       static_cast<int>(K), static_cast<int>(K / groups), static_cast<int>(l.rows_per_block),
                       static_cast<int>(l.y_own), static_cast<int>(l.y_all), static_cast<int>(l.w_rows),
-                      static_cast<int>(l.w_scales), static_cast<int>(l.early)};
+                      static_cast<int>(l.w_scales), static_cast<int>(l.res), static_cast<int>(l.early)};
   launch_clustered(kernel, dim3(H * l.clusters, B), dim3(kAttnThreads), static_cast<size_t>(l.smem),
                    static_cast<int>(H), a, args);
   return true;
