@@ -1,14 +1,14 @@
 """Time of babyrt's CUDA decode attention at batch 1 for the shapes of `babyrt bench`: alone,
 what it adds after the QKV GEMV that feeds it (as in a decode step, under PDL), and the QKV
-GEMV, attention and wo projection as a decode step runs them (attention_linear: one kernel for
-attention and wo) against attention and wo as two kernels.
+GEMV, attention and wo projection as separate ops against the attention_linear op (one kernel
+for attention and wo with BABYRT_ATTN_LINEAR=1; by default it runs the same two kernels).
 
     python benchmarks/attention_cuda.py [--shapes stories15M,stories110M,1b-gqa]
                                         [--positions 16,144,272] [--json OUT]
 
 Each timing is a CUDA graph of 200 back-to-back calls (babyrt.bench.cuda_graph_seconds); the
 QKV weights (bf16) cycle through enough copies to be read from HBM. The kernels' opt-in switches
-(BABYRT_PDL=0) come from the environment: compare runs with and without.
+(BABYRT_PDL=0, BABYRT_ATTN_LINEAR=1) come from the environment: compare runs with and without.
 """
 import argparse
 import json
@@ -56,7 +56,7 @@ def measure(shape: str, positions: list) -> list:
                "qkv_attention_linear_us": t_one}
         print(f"{shape} (H {H}, KV {KV}, D {D}) position {p}: attention {t_attn:.2f} us alone, "
               f"QKV GEMV {t_gemv:.2f} us, both {t_both:.2f} us (attention adds {t_both - t_gemv:.2f}); "
-              f"QKV, attention, wo {t_two:.2f} us, with attention_linear {t_one:.2f} us")
+              f"QKV, attention, wo {t_two:.2f} us, through attention_linear {t_one:.2f} us")
         out.append(row)
     return out
 
