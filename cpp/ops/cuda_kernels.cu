@@ -40,6 +40,13 @@ constexpr int kAttnThreads = 256;
 constexpr int64_t kEarlyRowsBytes = 96 << 10;  // shared memory for attention's early K and V rows
 constexpr int64_t kMaxAttnCluster = 16;  // heads attention_linear_kernel takes (one cluster)
 
+// Elements from one early-copied K row to the next: 16 bytes more than a row. The score loop
+// gives each thread a slot and reads its K row 16 bytes at a time, and rows of 128 bytes (bf16,
+// D 64) would put the 8 lanes of a quarter-warp on the same four banks. Measured on the H200
+// (benchmarks/attention_cuda.py, stories110M at position 272): 5.45 -> 4.38 us alone;
+// stories110M bf16 4,079 -> 4,192 tok/s.
+constexpr int64_t early_k_stride(int64_t D, int64_t element_size) { return D + 16 / element_size; }
+
 // Where attention_decode_kernel's early rows start in its shared memory: after attend's.
 __host__ __device__ constexpr size_t early_rows_offset(int S, int D) {
   return (attend_smem_bytes(S, D, kAttnThreads) + 15) / 16 * 16;
@@ -798,10 +805,12 @@ at::Tensor attention_prefill_cuda(const at::Tensor& qkv, const at::Tensor& posit
   return y.transpose(1, 2).reshape({B, T, H * D});
 }
 
-at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, const OptTensor& cos,
-                          const OptTensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
-                          int64_t H, int64_t KV) {
-  check_attention(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
+// Whether the attention kernels take a (checked) call: kDecode, the decode kernel (and
+// attention_linear_kernel), else the prefill kernel.
+enum class AttnKernel { kPrefill, kDecode };
+bool attention_fits(AttnKernel kind, const at::Tensor& qkv, const at::Tensor& positions,
+                    const OptTensor& cos, const OptTensor& sin, const at::Tensor& k_cache,
+                    const at::Tensor& v_cache) {
   const int64_t B = qkv.size(0), T = qkv.size(1), D = k_cache.size(3), S = k_cache.size(2);
   const auto dt = qkv.scalar_type();
   // What both kernels need; the decode kernel also bounds the head size, the slots (its scores
@@ -812,12 +821,22 @@ at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, co
       v_cache.is_contiguous() &&
       (!cos || (cos->scalar_type() == at::kFloat && sin->scalar_type() == at::kFloat &&
                 cos->is_contiguous() && sin->is_contiguous()));
-  if (common && T > 1 && B * T < (int64_t{1} << 31))
-    return attention_prefill_cuda(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
+  if (kind == AttnKernel::kPrefill) return common && T > 1 && B * T < (int64_t{1} << 31);
   const int64_t E = 16 / qkv.element_size();
-  const bool fits = common && T == 1 && D % E == 0 && D <= kMaxHeadDim && S <= kMaxAttnSlots &&
-                    B < 65536 && aligned16(k_cache) && aligned16(v_cache);
-  if (!fits) return attention_reference(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
+  return common && T == 1 && D % E == 0 && D <= kMaxHeadDim && S <= kMaxAttnSlots && B < 65536 &&
+         aligned16(k_cache) && aligned16(v_cache);
+}
+
+at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, const OptTensor& cos,
+                          const OptTensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                          int64_t H, int64_t KV) {
+  check_attention(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
+  const int64_t B = qkv.size(0), D = k_cache.size(3), S = k_cache.size(2);
+  const auto dt = qkv.scalar_type();
+  if (attention_fits(AttnKernel::kPrefill, qkv, positions, cos, sin, k_cache, v_cache))
+    return attention_prefill_cuda(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
+  if (!attention_fits(AttnKernel::kDecode, qkv, positions, cos, sin, k_cache, v_cache))
+    return attention_reference(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
   at::Tensor out = at::empty({B, 1, H * D}, qkv.options());
   const c10::cuda::CUDAGuard guard(qkv.device());
   dispatch_float(dt, [&](auto ttag) {
@@ -827,12 +846,7 @@ at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, co
         kernel_room(kernel, [](int optin, int fixed) { return optin - fixed; }).smem;
     // Early K and V rows: as many slots as fit in kEarlyRowsBytes and on the device (none
     // where attend's own scores take the room: those slots are read from the cache).
-    // The copied K rows lie 16 bytes further apart than their size: the score loop gives each
-    // thread a slot and reads its K row 16 bytes at a time, and rows of 128 bytes (bf16, D 64)
-    // put the 8 lanes of a quarter-warp on the same four banks. Measured on the H200
-    // (benchmarks/attention_cuda.py, stories110M at position 272): 5.45 -> 4.38 us alone;
-    // stories110M bf16 4,079 -> 4,192 tok/s.
-    const int64_t k_stride = D + E;
+    const int64_t k_stride = early_k_stride(D, qkv.element_size());
     const int64_t slot_bytes = (k_stride + D) * qkv.element_size();
     const int64_t offset = early_rows_offset(S, D);
     const int64_t room = std::min<int64_t>(kEarlyRowsBytes, max_smem - offset);
@@ -881,8 +895,7 @@ bool launch_attention_linear(const at::Tensor& qkv, const at::Tensor& positions,
   if (!room.hopper) return false;
   const int64_t B = qkv.size(0), D = k_cache.size(3), slots = k_cache.size(2), N = w.size(0), K = w.size(1);
   const int64_t groups = scales ? scales->size(1) : 1;
-  const int64_t E = 16 / static_cast<int64_t>(sizeof(T));
-  const int64_t k_stride = D + E;  // as in attention_cuda
+  const int64_t k_stride = early_k_stride(D, sizeof(T));
   const int64_t slot_bytes = (k_stride + D) * static_cast<int64_t>(sizeof(T));
   auto up16 = [](int64_t v) { return (v + 15) / 16 * 16; };
   struct Layout {
@@ -960,20 +973,14 @@ at::Tensor attention_linear_cuda(const at::Tensor& qkv, const at::Tensor& positi
                                  at::Tensor& v_cache, int64_t H, int64_t KV, const at::Tensor& w,
                                  const OptTensor& scales, const OptTensor& residual) {
   check_attention_linear(qkv, positions, cos, sin, k_cache, v_cache, H, KV, w, scales, residual);
-  const int64_t B = qkv.size(0), D = k_cache.size(3), S = k_cache.size(2);
-  const int64_t N = w.size(0), K = w.size(1);
+  const int64_t B = qkv.size(0), N = w.size(0), K = w.size(1);
   const auto dt = qkv.scalar_type();
-  const int64_t E = 16 / qkv.element_size();
   const bool q8 = scales.has_value();
   const int64_t group = q8 ? K / scales->size(1) : K;
   static const bool fused = env_is("BABYRT_ATTN_LINEAR", "1");  // opt-in: slower, see above
   const bool fits =
-      fused && qkv.size(1) == 1 && residual && (dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16) &&
-      H <= kMaxAttnCluster && D % E == 0 && D <= kMaxHeadDim && S <= kMaxAttnSlots && B < 65536 &&
-      qkv.is_contiguous() && positions.is_contiguous() && k_cache.is_contiguous() &&
-      v_cache.is_contiguous() && aligned16(k_cache) && aligned16(v_cache) &&
-      (!cos || (cos->scalar_type() == at::kFloat && sin->scalar_type() == at::kFloat &&
-                cos->is_contiguous() && sin->is_contiguous())) &&
+      fused && residual && H <= kMaxAttnCluster &&
+      attention_fits(AttnKernel::kDecode, qkv, positions, cos, sin, k_cache, v_cache) &&
       w.is_contiguous() && aligned16(w) && residual->is_contiguous() && N < (int64_t{1} << 30) &&
       (q8 ? group % 16 == 0 && scales->is_contiguous() &&
                 (scales->scalar_type() == at::kFloat || scales->scalar_type() == at::kBFloat16)
