@@ -485,6 +485,33 @@ inline int blocks_per_sm(const void* kernel, int threads, size_t smem) {
   return per_sm;
 }
 
+// Clusters of `cluster` blocks of kernel (as blocks_per_sm) that fit on the current device at
+// once (0: none, or a size the device does not take). Queried once per kernel, device and size.
+inline int clusters_that_fit(const void* kernel, int cluster, int threads, size_t smem) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int, int, size_t>, int> known;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::tuple<const void*, int, int, int, size_t> key{kernel, device, cluster, threads, smem};
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (auto it = known.find(key); it != known.end()) return it->second;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(cluster);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = cluster;
+  attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, kernel, &config) != cudaSuccess) n = 0;
+  (void)cudaGetLastError();  // an unsupported size answers an error: leave none behind
+  known.emplace(key, n);
+  return n;
+}
+
 bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
 }

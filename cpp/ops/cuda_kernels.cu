@@ -660,9 +660,9 @@ __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs
 // one per head, computes every head's output (attend, as attention_decode_kernel does, early
 // K/V copy included); after a cluster barrier each block gathers all H outputs from its peers'
 // shared memory and takes its own rows of W, which it copied into shared memory before the
-// PDL wait. Several clusters per
-// sequence split W's rows between them, so that W is read by as many SMs as there are; each
-// cluster recomputes the heads (attention reads a few KB of cache per head, copied early).
+// PDL wait. Several clusters per sequence split W's rows between them, so that W is read by as
+// many SMs as there are; each cluster recomputes the heads (attention reads a few KB of cache
+// per head, copied early).
 // The output rows are exact dot products over all of K, one warp a row: no partial sums
 // cross blocks, so the result is the same bits every run.
 //
@@ -916,27 +916,9 @@ bool launch_attention_linear(const at::Tensor& qkv, const at::Tensor& positions,
     l.smem = l.early + l.early_slots * slot_bytes;
     return l;
   };
-  // How many clusters of H blocks of `smem` bytes fit on the device at once (asked once each).
   auto active_clusters = [&](int64_t smem) {
-    static std::mutex mutex;
-    static std::map<std::pair<int64_t, int64_t>, int> known;
-    const std::lock_guard<std::mutex> lock(mutex);
-    if (auto it = known.find({H, smem}); it != known.end()) return it->second;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(H);
-    config.blockDim = dim3(kAttnThreads);
-    config.dynamicSmemBytes = smem;
-    cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = H;
-    attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
-    config.attrs = &attr;
-    config.numAttrs = 1;
-    int n = 0;
-    if (cudaOccupancyMaxActiveClusters(&n, kernel, &config) != cudaSuccess) n = 0;
-    (void)cudaGetLastError();  // an unsupported size answers an error: leave none behind
-    known.emplace(std::make_pair(H, smem), n);
-    return n;
+    return clusters_that_fit(reinterpret_cast<const void*>(kernel), static_cast<int>(H), kAttnThreads,
+                             static_cast<size_t>(smem));
   };
   static const int64_t forced = [] {  // BABYRT_ATTN_LINEAR_CLUSTERS=n: n clusters (to measure)
     const char* v = std::getenv("BABYRT_ATTN_LINEAR_CLUSTERS");
