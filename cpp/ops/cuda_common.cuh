@@ -553,6 +553,97 @@ __host__ __device__ constexpr size_t attend_smem_bytes(int S, int D, int threads
   return (static_cast<size_t>(S) + static_cast<size_t>(threads / 32) * D) * sizeof(float);
 }
 
+// What attend_slots leaves: the slots' largest score, the sum of exp(score - max), and how many
+// partial rows of the weighted sum of V it wrote.
+struct AttnSums {
+  float max, total;
+  int rows;
+};
+
+// Softmax-weighted V over n slots (n >= 1) for query q (D floats in shared memory, rotated), by
+// the Block's kThreads threads: slot j's K row at k + j * ks, its V row at v + j * D (shared or
+// global memory). scores: n floats of shared memory. partial: up to 8 D floats of shared memory,
+// where it leaves sum_j exp(score_j - max) V_j in AttnSums::rows partial rows (synced; their
+// sum over rows is the weighted sum). scratch: 32 floats.
+template <typename T, int kThreads, typename Block>
+__device__ AttnSums attend_slots(const float* q, const T* k, int ks, const T* v, int64_t n, int D,
+                                 float* scores, float* partial, float* scratch) {
+  constexpr int E = 16 / sizeof(T);  // cache elements per 16-byte vector
+  // Scores, one slot per thread at a time; a row of K is read four 16-byte chunks at a time so
+  // that their loads are in flight together.
+  const float scale = rsqrtf(static_cast<float>(D));
+  float local_max = -INFINITY;
+  for (int64_t j = threadIdx.x; j < n; j += kThreads) {
+    const T* kj = k + j * ks;
+    float s = 0.f;
+    for (int d0 = 0; d0 < D; d0 += 4 * E) {
+      float kv[4][E];
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        if (d0 + u * E < D) load_floats<T, E>(kj + d0 + u * E, kv[u]);
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        if (d0 + u * E < D) {
+#pragma unroll
+          for (int e = 0; e < E; ++e) s += q[d0 + u * E + e] * kv[u][e];
+        }
+    }
+    s *= scale;
+    scores[j] = s;
+    local_max = fmaxf(local_max, s);
+  }
+  const float m = block_reduce<true, Block>(local_max, scratch);
+  float local_sum = 0.f;
+  for (int64_t j = threadIdx.x; j < n; j += kThreads) {
+    const float e = __expf(scores[j] - m);
+    scores[j] = e;
+    local_sum += e;
+  }
+  const float total = block_reduce<false, Block>(local_sum, scratch);  // its sync publishes scores
+
+  // Weighted sum of values: thread = (slot group g, 16-byte column chunk c), the chunks of a
+  // row padded to a power of two (span) so that the groups within a warp sum by shuffles.
+  // Four slots per thread are loaded at once.
+  const int vecs = D / E;
+  int span = 1;
+  while (span < vecs) span *= 2;
+  const int groups = kThreads / span, c = threadIdx.x % span, g = threadIdx.x / span;
+  float acc[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) acc[e] = 0.f;
+  if (c < vecs) {
+    int64_t j = g;
+    for (; j + 3 * groups < n; j += 4 * groups) {
+      float vv[4][E];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) load_floats<T, E>(v + (j + u * groups) * D + c * E, vv[u]);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const float w = scores[j + u * groups];
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[e] += w * vv[u][e];
+      }
+    }
+    for (; j < n; j += groups) {
+      float vv[E];
+      load_floats<T, E>(v + j * D + c * E, vv);
+      const float w = scores[j];
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[e] += w * vv[e];
+    }
+  }
+  for (int off = span; off < 32; off *= 2)
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] += __shfl_xor_sync(0xffffffff, acc[e], off);
+  // One partial row per warp (per group when a group spans several warps).
+  const int per_row = span > 32 ? span : 32;
+  if (threadIdx.x % per_row < span && c < vecs)
+#pragma unroll
+    for (int e = 0; e < E; ++e) partial[(threadIdx.x / per_row) * D + c * E + e] = acc[e];
+  Block::sync();
+  return AttnSums{m, total, kThreads / per_row};
+}
+
 // Head h of sequence b for one new token, by the Block's kThreads threads: RoPE on q and k, k
 // and v into the cache at the sequence's position, softmax(q K^T / sqrt(D)) V over the slots up
 // to it, into out. smem: attend_smem_bytes. kCopy: kv_copy (or null) is shared memory that
@@ -564,7 +655,6 @@ __host__ __device__ constexpr size_t attend_smem_bytes(int S, int D, int threads
 template <typename T, int kThreads, typename Block, bool kCopy = false>
 __device__ void attend(const AttnArgs& a, int h, int b, float* smem, T* kv_copy = nullptr,
                        float* y_smem = nullptr) {
-  constexpr int E = 16 / sizeof(T);  // cache elements per 16-byte vector
   constexpr bool kCG = Block::kCoherent;
   __shared__ float q[kMaxHeadDim];
   __shared__ float scratch[32];
@@ -622,86 +712,14 @@ __device__ void attend(const AttnArgs& a, int h, int b, float* smem, T* kv_copy 
       for (int d = threadIdx.x; d < D; d += kThreads) v_rows[p * D + d] = load<kCG>(vh + d);
   Block::sync();
 
-  // Scores of slots 0..p, one slot per thread at a time; a row of K is read four 16-byte
-  // chunks at a time so that their loads are in flight together.
-  const float scale = rsqrtf(static_cast<float>(D));
-  float* scores = smem;
-  float local_max = -INFINITY;
-  for (int64_t j = threadIdx.x; j <= p; j += kThreads) {
-    const T* kj = kCopy && k_rows ? k_rows + j * ks : kc + j * D;
-    float s = 0.f;
-    for (int d0 = 0; d0 < D; d0 += 4 * E) {
-      float kv[4][E];
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-        if (d0 + u * E < D) load_floats<T, E>(kj + d0 + u * E, kv[u]);
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-        if (d0 + u * E < D) {
-#pragma unroll
-          for (int e = 0; e < E; ++e) s += q[d0 + u * E + e] * kv[u][e];
-        }
-    }
-    s *= scale;
-    scores[j] = s;
-    local_max = fmaxf(local_max, s);
-  }
-  const float m = block_reduce<true, Block>(local_max, scratch);
-  float local_sum = 0.f;
-  for (int64_t j = threadIdx.x; j <= p; j += kThreads) {
-    const float e = __expf(scores[j] - m);
-    scores[j] = e;
-    local_sum += e;
-  }
-  const float total = block_reduce<false, Block>(local_sum, scratch);  // its sync publishes scores
-
-  // Weighted sum of values: thread = (slot group g, 16-byte column chunk c), the chunks of a
-  // row padded to a power of two (span) so that the groups within a warp sum by shuffles.
-  // Four slots per thread are loaded at once.
-  const int vecs = D / E;
-  int span = 1;
-  while (span < vecs) span *= 2;
-  const int groups = kThreads / span, c = threadIdx.x % span, g = threadIdx.x / span;
-  float acc[E];
-#pragma unroll
-  for (int e = 0; e < E; ++e) acc[e] = 0.f;
-  const T* vs = kCopy && v_rows ? v_rows : vc;
-  if (c < vecs) {
-    int64_t j = g;
-    for (; j + 3 * groups <= p; j += 4 * groups) {
-      float vv[4][E];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) load_floats<T, E>(vs + (j + u * groups) * D + c * E, vv[u]);
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const float w = scores[j + u * groups];
-#pragma unroll
-        for (int e = 0; e < E; ++e) acc[e] += w * vv[u][e];
-      }
-    }
-    for (; j <= p; j += groups) {
-      float vv[E];
-      load_floats<T, E>(vs + j * D + c * E, vv);
-      const float w = scores[j];
-#pragma unroll
-      for (int e = 0; e < E; ++e) acc[e] += w * vv[e];
-    }
-  }
-  for (int off = span; off < 32; off *= 2)
-#pragma unroll
-    for (int e = 0; e < E; ++e) acc[e] += __shfl_xor_sync(0xffffffff, acc[e], off);
-  // One partial row per warp (per group when a group spans several warps).
-  const int per_row = span > 32 ? span : 32, rows = kThreads / per_row;
-  float* partial = smem + a.S;  // [rows, D]
-  if (threadIdx.x % per_row < span && c < vecs)
-#pragma unroll
-    for (int e = 0; e < E; ++e) partial[(threadIdx.x / per_row) * D + c * E + e] = acc[e];
-  Block::sync();
+  const AttnSums sums = attend_slots<T, kThreads, Block>(
+      q, kCopy && k_rows ? k_rows : kc, kCopy && k_rows ? ks : D, kCopy && v_rows ? v_rows : vc, p + 1, D,
+      smem, smem + a.S, scratch);
   for (int d = threadIdx.x; d < D; d += kThreads) {
     float v = 0.f;
-    for (int i = 0; i < rows; ++i) v += partial[i * D + d];
-    if (y_smem) y_smem[d] = round_to<T>(v / total);
-    else out[d] = from_float<T>(v / total);
+    for (int i = 0; i < sums.rows; ++i) v += smem[a.S + i * D + d];
+    if (y_smem) y_smem[d] = round_to<T>(v / sums.total);
+    else out[d] = from_float<T>(v / sums.total);
   }
 }
 

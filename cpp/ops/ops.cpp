@@ -63,6 +63,27 @@ at::Tensor call_attention(const at::Tensor& qkv, const at::Tensor& positions, co
   return op.call(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
 }
 
+at::Tensor call_rmsnorm_linear(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
+                               const at::Tensor& w, const OptTensor& scales) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("babyrt::rmsnorm_linear", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
+                                         const OptTensor&, std::optional<at::ScalarType>)>();
+  return op.call(x, norm_weight, eps, w, scales, std::nullopt);
+}
+
+at::Tensor call_attention_linear(const at::Tensor& qkv, const at::Tensor& positions,
+                                 const OptTensor& cos, const OptTensor& sin, at::Tensor& k_cache,
+                                 at::Tensor& v_cache, int64_t H, int64_t KV, const at::Tensor& w,
+                                 const OptTensor& scales, const OptTensor& residual) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("babyrt::attention_linear", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                         const OptTensor&, at::Tensor&, at::Tensor&, int64_t, int64_t,
+                                         const at::Tensor&, const OptTensor&, const OptTensor&)>();
+  return op.call(qkv, positions, cos, sin, k_cache, v_cache, H, KV, w, scales, residual);
+}
+
 // ------------------------------------------------------------------ references (any device)
 at::Tensor dequantize(const at::Tensor& w, const at::Tensor& scales) {
   BABYRT_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar, "dequantize: weight must be 2-D int8");
@@ -154,6 +175,31 @@ at::Tensor attention_linear_unfused(const at::Tensor& qkv, const at::Tensor& pos
   check_attention_linear(qkv, positions, cos, sin, k_cache, v_cache, H, KV, w, scales, residual);
   return call_linear(call_attention(qkv, positions, cos, sin, k_cache, v_cache, H, KV), w, scales,
                      residual);
+}
+
+void check_attention_block(const at::Tensor& x, const at::Tensor& norm_weight, const at::Tensor& wqkv,
+                           const OptTensor& qkv_scales, const at::Tensor& positions, const OptTensor& cos,
+                           const OptTensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           int64_t H, int64_t KV, const at::Tensor& wo, const OptTensor& wo_scales) {
+  check_norm(x, norm_weight);
+  check_linear(x, wqkv, qkv_scales, std::nullopt);
+  BABYRT_CHECK(x.dim() == 3, "attention_block: x must be [B, T, dim], got ", x.sizes());
+  // The QKV projection's output, [B, T, (H + 2 KV) head_dim], is attention_linear's qkv: its
+  // shape and dtype only; x is the residual.
+  const at::Tensor qkv = at::empty({x.size(0), x.size(1), wqkv.size(0)}, x.options().device(at::kMeta));
+  check_attention_linear(qkv, positions, cos, sin, k_cache, v_cache, H, KV, wo, wo_scales, x);
+}
+
+// The composition of the two ops (each takes its device's kernels).
+at::Tensor attention_block_unfused(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
+                                   const at::Tensor& wqkv, const OptTensor& qkv_scales,
+                                   const at::Tensor& positions, const OptTensor& cos,
+                                   const OptTensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                                   int64_t H, int64_t KV, const at::Tensor& wo, const OptTensor& wo_scales) {
+  check_attention_block(x, norm_weight, wqkv, qkv_scales, positions, cos, sin, k_cache, v_cache, H,
+                        KV, wo, wo_scales);
+  return call_attention_linear(call_rmsnorm_linear(x, norm_weight, eps, wqkv, qkv_scales), positions,
+                               cos, sin, k_cache, v_cache, H, KV, wo, wo_scales, x);
 }
 
 at::Tensor attention_reference(const at::Tensor& qkv, const at::Tensor& positions,
@@ -419,6 +465,9 @@ TORCH_LIBRARY(babyrt, m) {
   m.def("attention_linear(Tensor qkv, Tensor positions, Tensor? rope_cos, Tensor? rope_sin, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, int n_heads, int n_kv_heads, Tensor weight, "
         "Tensor? scales=None, Tensor? residual=None) -> Tensor");
+  m.def("attention_block(Tensor x, Tensor norm_weight, float eps, Tensor wqkv, Tensor? qkv_scales, "
+        "Tensor positions, Tensor? rope_cos, Tensor? rope_sin, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, int n_heads, int n_kv_heads, Tensor wo, Tensor? wo_scales) -> Tensor");
   m.def("embedding(Tensor tokens, Tensor weight, Tensor? scales, ScalarType dtype) -> Tensor");
   m.def("dequantize(Tensor weight, Tensor scales) -> Tensor");
   m.def("greedy_advance(Tensor logits, Tensor(a!) token, Tensor(b!) position, "
@@ -436,6 +485,7 @@ TORCH_LIBRARY_IMPL(babyrt, CompositeExplicitAutograd, m) {
   m.impl("swiglu_linear", swiglu_linear_reference);
   m.impl("attention", attention_reference);
   m.impl("attention_linear", attention_linear_unfused);
+  m.impl("attention_block", attention_block_unfused);
   m.impl("embedding", embedding_reference);
   m.impl("dequantize", dequantize);
   m.impl("greedy_advance", greedy_advance_reference);

@@ -15,6 +15,11 @@
 //                    weight, scales?, residual?)
 //        linear(attention(...), weight, scales, residual): a layer's attention and its output
 //        projection, one op so that a device can run them as one kernel (CUDA: opt-in)
+//   attention_block(x, norm_weight, eps, wqkv, qkv_scales?, positions, cos?, sin?, k_cache!,
+//                   v_cache!, n_heads, n_kv_heads, wo, wo_scales?)
+//        attention_linear(rmsnorm_linear(x, norm_weight, eps, wqkv, qkv_scales), positions, ...,
+//        wo, wo_scales, residual=x): a layer's whole attention half, one op so that a device can
+//        fuse across it (CUDA, opt-in: the QKV projection and attention as one kernel)
 //   embedding(tokens, weight, scales?, dtype)          rows of W (dequantized), as dtype
 //   dequantize(weight, scales)                          int8 W times its group scales, fp32
 //   greedy_advance(logits, token!, position!, history!)  a greedy decode step's bookkeeping:
@@ -69,6 +74,10 @@ void check_attention_linear(const at::Tensor& qkv, const at::Tensor& positions, 
                             const OptTensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             int64_t H, int64_t KV, const at::Tensor& weight, const OptTensor& scales,
                             const OptTensor& residual);
+void check_attention_block(const at::Tensor& x, const at::Tensor& norm_weight, const at::Tensor& wqkv,
+                           const OptTensor& qkv_scales, const at::Tensor& positions, const OptTensor& cos,
+                           const OptTensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           int64_t H, int64_t KV, const at::Tensor& wo, const OptTensor& wo_scales);
 void check_greedy_advance(const at::Tensor& logits, const at::Tensor& token,
                           const at::Tensor& position, const at::Tensor& history);
 

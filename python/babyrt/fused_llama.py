@@ -1,10 +1,11 @@
 """The exported form of a LLaMA: the same network as training/models/llama.py, written with
-babyrt's fused ops (cpp/ops) so that a decode step is 4 op calls per layer instead of ~30:
+babyrt's fused ops (cpp/ops) so that a decode step is 3 op calls per layer instead of ~30:
 
-    qkv = rmsnorm_linear(x, attention_norm, Wqkv)          # q, k, v in one GEMV
-    x   = attention_linear(qkv, positions, rope, k/v cache, Wo, residual=x)
-                                              # RoPE + cache write + attention, then Wo (CUDA:
-                                              # two kernels; one with BABYRT_ATTN_LINEAR=1)
+    x   = attention_block(x, attention_norm, Wqkv, positions, rope, k/v cache, Wo)
+            # = attention_linear(rmsnorm_linear(x, attention_norm, Wqkv), positions, rope,
+            #                    k/v cache, Wo, residual=x): q, k, v in one GEMV; RoPE, cache
+            #   write and attention; Wo (CUDA: three kernels; with BABYRT_QKV_ATTN=1 the GEMV
+            #   and attention are one)
     h   = rmsnorm_linear(x, ffn_norm, W13)                  # gate and up in one GEMV
     x   = swiglu_linear(h, W2, residual=x)
 
@@ -13,7 +14,9 @@ one kernel (cpp/ops/cuda_decode_step.cu; opt-in with BABYRT_DECODE_STEP=1, not y
 where that declines, the layers run op by op as above.
 
 Weights are float, or int8 with scales (quantize.py). The artifact's calling convention is
-unchanged (docs/artifact-format.md); the parity tests hold it to the training model.
+unchanged (docs/artifact-format.md); the parity tests hold it to the training model. Artifacts
+exported before attention_block (rmsnorm_linear then attention_linear, or attention then linear)
+still load: every op they call stays.
 """
 from __future__ import annotations
 
@@ -48,11 +51,10 @@ class FusedBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        qkv = torch.ops.babyrt.rmsnorm_linear(x, self.attention_norm, self.eps, self.wqkv.weight,
-                                              self.wqkv.scales)
-        x = torch.ops.babyrt.attention_linear(qkv, positions, cos, sin, k_cache, v_cache,
-                                              self.n_heads, self.n_kv_heads, self.wo.weight,
-                                              self.wo.scales, x)
+        x = torch.ops.babyrt.attention_block(x, self.attention_norm, self.eps, self.wqkv.weight,
+                                             self.wqkv.scales, positions, cos, sin, k_cache,
+                                             v_cache, self.n_heads, self.n_kv_heads,
+                                             self.wo.weight, self.wo.scales)
         h = torch.ops.babyrt.rmsnorm_linear(x, self.ffn_norm, self.eps, self.w13.weight,
                                             self.w13.scales)
         return torch.ops.babyrt.swiglu_linear(h, self.w2.weight, self.w2.scales, x)
