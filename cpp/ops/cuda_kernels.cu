@@ -1196,7 +1196,12 @@ bool launch_qkv_attention(const at::Tensor& x, const at::Tensor& norm, double ep
   const int64_t k_stride = early_k_stride(D, sizeof(T));
   const int64_t slot_bytes = (k_stride + D) * static_cast<int64_t>(sizeof(T));
   auto up16 = [](int64_t v) { return (v + 15) / 16 * 16; };
-  for (int64_t want = std::clamp<int64_t>(room.sms / H, 1, kMaxAttnCluster); want <= kMaxAttnCluster; ++want) {
+  static const int64_t forced = [] {  // BABYRT_QKV_ATTN_CLUSTER=n: n blocks a head (to measure)
+    const char* v = std::getenv("BABYRT_QKV_ATTN_CLUSTER");
+    return v ? std::clamp<int64_t>(std::atoi(v), 0, kMaxAttnCluster) : 0;
+  }();
+  for (int64_t want = forced ? forced : std::clamp<int64_t>(room.sms / H, 1, kMaxAttnCluster);
+       want <= kMaxAttnCluster; ++want) {
     const int64_t R = (3 * D + want - 1) / want, C = (3 * D + R - 1) / R;  // none left empty
     QkvAttnArgs g{x.const_data_ptr(), norm.const_data_ptr(), w.const_data_ptr(),
                   scales ? scales->const_data_ptr() : nullptr, static_cast<float>(eps),
