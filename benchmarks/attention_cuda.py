@@ -1,16 +1,14 @@
 """Time of babyrt's CUDA decode attention at batch 1 for the shapes of `babyrt bench`: alone,
 what it adds after the QKV GEMV that feeds it (as in a decode step, under PDL), and the QKV
 GEMV, attention and wo projection as separate ops against the attention_linear op (one kernel
-for attention and wo with BABYRT_ATTN_LINEAR=1; by default it runs the same two kernels) and
-against the attention_block op (the QKV GEMV and attention as one kernel with
-BABYRT_QKV_ATTN=1; by default the same three kernels).
+for attention and wo with BABYRT_ATTN_LINEAR=1; by default it runs the same two kernels).
 
     python benchmarks/attention_cuda.py [--shapes stories15M,stories110M,1b-gqa]
                                         [--positions 16,144,272] [--json OUT]
 
 Each timing is a CUDA graph of 200 back-to-back calls (babyrt.bench.cuda_graph_seconds); the
 QKV weights (bf16) cycle through enough copies to be read from HBM. The kernels' opt-in switches
-(BABYRT_PDL=0, BABYRT_ATTN_LINEAR=1, BABYRT_QKV_ATTN=1) come from the environment: compare runs with and without.
+(BABYRT_PDL=0, BABYRT_ATTN_LINEAR=1) come from the environment: compare runs with and without.
 """
 import argparse
 import json
@@ -50,18 +48,15 @@ def measure(shape: str, positions: list) -> list:
                                    wos[i], None, x)
         one = lambda i: ops.attention_linear(gemv(i), pos, cos, sin, kc, vc, H, KV,  # noqa: E731
                                              wos[i], None, x)
-        block = lambda i: ops.attention_block(x, norm, 1e-5, ws[i], None, pos, cos, sin,  # noqa: E731
-                                              kc, vc, H, KV, wos[i], None)
-        t_gemv, t_attn, t_both, t_two, t_one, t_block = (
-            1e6 * cuda_graph_seconds(f, copies) for f in (gemv, attn, both, two, one, block))
+        t_gemv, t_attn, t_both, t_two, t_one = (1e6 * cuda_graph_seconds(f, copies)
+                                                for f in (gemv, attn, both, two, one))
         row = {"shape": shape, "H": H, "KV": KV, "D": D, "position": p, "attention_us": t_attn,
                "qkv_gemv_us": t_gemv, "gemv_then_attention_us": t_both,
                "attention_adds_us": t_both - t_gemv, "qkv_attention_wo_us": t_two,
-               "qkv_attention_linear_us": t_one, "attention_block_us": t_block}
+               "qkv_attention_linear_us": t_one}
         print(f"{shape} (H {H}, KV {KV}, D {D}) position {p}: attention {t_attn:.2f} us alone, "
               f"QKV GEMV {t_gemv:.2f} us, both {t_both:.2f} us (attention adds {t_both - t_gemv:.2f}); "
-              f"QKV, attention, wo {t_two:.2f} us, through attention_linear {t_one:.2f} us, "
-              f"attention_block {t_block:.2f} us")
+              f"QKV, attention, wo {t_two:.2f} us, through attention_linear {t_one:.2f} us")
         out.append(row)
     return out
 

@@ -605,22 +605,21 @@ at::Tensor swiglu_linear_cuda(const at::Tensor& gate_up, const at::Tensor& w,
 }
 
 // ------------------------------------------------------------------ attention at decode
-// Room in shared memory at rows for the K and V rows of sequence b's slots s0..s1-1 (kv head
-// kvh), with those before slot p copied there by cp.async: K rows a.k_stride apart, then
-// a.early_slots K rows further the V rows (D apart). Returns rows, or null where the slots do
-// not fit (attend then reads the cache).
+// The K and V rows of sequence b's slots 0..p-1 (kv head kvh) into shared memory at rows, by
+// cp.async: K rows a.k_stride apart, then a.early_slots K rows further the V rows (D apart).
+// Returns rows, or null where the slots do not fit (attend then reads the cache).
 template <typename T>
-__device__ T* copy_early_rows(const AttnArgs& a, int b, int kvh, int64_t s0, int64_t s1, int64_t p, T* rows) {
+__device__ T* copy_early_rows(const AttnArgs& a, int b, int kvh, int64_t p, T* rows) {
   constexpr int E = 16 / sizeof(T);
-  if (s0 < 0 || s1 < s0 || s1 > a.S || s1 - s0 > a.early_slots) return nullptr;
-  const int64_t off = ((static_cast<int64_t>(b) * a.KV + kvh) * a.S + s0) * a.D;
+  if (p < 0 || p >= a.S || p >= a.early_slots) return nullptr;
+  const int64_t off = (static_cast<int64_t>(b) * a.KV + kvh) * a.S * a.D;
   const int4* k_src = reinterpret_cast<const int4*>(static_cast<const T*>(a.k_cache) + off);
   const int4* v_src = reinterpret_cast<const int4*>(static_cast<const T*>(a.v_cache) + off);
   int4* k_dst = reinterpret_cast<int4*>(rows);
   int4* v_dst = reinterpret_cast<int4*>(rows + static_cast<int64_t>(a.early_slots) * a.k_stride);
-  const int n = static_cast<int>(((s1 < p ? s1 : p) - s0) * a.D / E);  // 16-byte chunks of the slots before p
+  const int n = static_cast<int>(p * a.D / E);  // 16-byte chunks of slots 0..p-1
   const int vecs = a.D / E, k_vecs = a.k_stride / E;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+  for (int i = threadIdx.x; i < n; i += kAttnThreads) {
     cp_async16(k_dst + (i / vecs) * k_vecs + i % vecs, k_src + i);
     cp_async16(v_dst + i, v_src + i);
   }
@@ -643,8 +642,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs
   extern __shared__ float smem[];  // see attend_smem_bytes, then the early rows
   const int b = blockIdx.y, kvh = blockIdx.x / (a.H / a.KV);
   const int64_t p = __ldcg(a.positions + b);
-  T* rows = copy_early_rows<T>(a, b, kvh, 0, p + 1, p,
-                               reinterpret_cast<T*>(reinterpret_cast<char*>(smem) + early_rows_offset(a.S, a.D)));
+  T* rows = copy_early_rows<T>(
+      a, b, kvh, p, reinterpret_cast<T*>(reinterpret_cast<char*>(smem) + early_rows_offset(a.S, a.D)));
   allow_next_launch();
   wait_for_inputs();
   cp_async_wait_all();  // attend's first sync publishes all the copies
@@ -711,7 +710,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_linear_kernel(AttnArgs
   for (int i = threadIdx.x; i < rows; i += kAttnThreads)
     res[i] = to_float(__ldcg(static_cast<const T*>(l.residual) + out0 + i));
   const int64_t p = __ldcg(a.positions + b);
-  T* kv_rows = copy_early_rows<T>(a, b, kvh, 0, p + 1, p, reinterpret_cast<T*>(base + l.early));
+  T* kv_rows = copy_early_rows<T>(a, b, kvh, p, reinterpret_cast<T*>(base + l.early));
   allow_next_launch();
   wait_for_inputs();
   cp_async_wait_all();  // attend's first sync publishes all the copies
@@ -807,8 +806,7 @@ at::Tensor attention_prefill_cuda(const at::Tensor& qkv, const at::Tensor& posit
 }
 
 // Whether the attention kernels take a (checked) call: kDecode, the decode kernel (and
-// attention_linear_kernel, qkv_attention_kernel), else the prefill kernel. Of qkv only the
-// batch, tokens, dtype and layout are read (attention_block passes its x).
+// attention_linear_kernel), else the prefill kernel.
 enum class AttnKernel { kPrefill, kDecode };
 bool attention_fits(AttnKernel kind, const at::Tensor& qkv, const at::Tensor& positions,
                     const OptTensor& cos, const OptTensor& sin, const at::Tensor& k_cache,
@@ -990,292 +988,6 @@ at::Tensor attention_linear_cuda(const at::Tensor& qkv, const at::Tensor& positi
   return linear_cuda(y, w, scales, residual);
 }
 
-// ------------------------------------------------------------------ QKV projection, then attention
-// attention_block at decode, opt-in (BABYRT_QKV_ATTN=1): the QKV GEMV and attention as one
-// kernel (then wo through linear_cuda), where rmsnorm_linear and attention take two and a kernel
-// boundary costs a decode step ~2-3 us whatever its bytes. One cluster of C blocks per (head,
-// sequence):
-// - block j takes rows jR .. jR+R-1 of the head's 3 D rows of wqkv (q of the head, then k and v
-//   of its kv head; grouped heads each compute their kv head's rows), copied into shared memory
-//   before the PDL wait, with the K and V rows of its share of the slots (below);
-// - after the wait it stages RMSNorm(x) as the GEMV does, takes its rows' dot products (one
-//   warp a row, whole rows) and writes each value into every block of the cluster (distributed
-//   shared memory);
-// - after a cluster barrier every block holds the head's q, k and v: it applies RoPE, the last
-//   block writes k and v into the cache at the position, and block j attends over slots
-//   j n / C .. (j + 1) n / C - 1 of the n = position + 1, handing its max, sum and weighted V to
-//   block 0, which combines them after a second barrier.
-// Every value has a fixed owner and order, so every run gives the same bits; they differ from
-// the two kernels' in the order of sums (the GEMV's lanes, the softmax's split).
-struct QkvAttnArgs {
-  const void* x;       // [B, 1, K]
-  const void* norm;    // [K]
-  const void* w;       // [(H + 2 KV) D, K], T or int8
-  const void* scales;  // [(H + 2 KV) D, K / group] (int8 only)
-  float eps;
-  int K, group;
-  int rows, cluster;   // R and C above
-  int w_rows, w_scales, head, peers, scores, partial, early;  // byte offsets in dynamic shared memory
-};
-
-template <typename T, typename W, typename S>
-__global__ void __launch_bounds__(kAttnThreads, 2) qkv_attention_kernel(AttnArgs a, QkvAttnArgs g) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  extern __shared__ float smem[];  // staged x, W's rows and scales, head, peers, scores, partial, early rows
-  __shared__ float q[kMaxHeadDim];
-  __shared__ float scratch[32];
-  constexpr int EW = 16 / sizeof(W);  // weights per 16-byte chunk
-  unsigned char* base = reinterpret_cast<unsigned char*>(smem);
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  // Every block of the cluster has started before any writes into another's shared memory
-  // (the wait below, long after this arrive).
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-  const int C = g.cluster, h = blockIdx.x / C, j = blockIdx.x % C, b = blockIdx.y;
-  const int D = a.D, half = D / 2, kvh = h / (a.H / a.KV);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int r0 = j * g.rows, nr = max(0, min(g.rows, 3 * D - r0));
-  const int row_chunks = g.K / EW, groups = g.K / g.group;
-  auto w_row = [&](int r) -> int64_t {  // row r of the head's q, k, v in wqkv
-    return r < D ? h * D + r : r < 2 * D ? (a.H + kvh) * D + r - D : (a.H + a.KV + kvh) * D + r - 2 * D;
-  };
-  // Before the wait: the block's rows of W and their scales (no kernel writes them), and the K/V
-  // rows of its slots (written by earlier steps: see attention_decode_kernel).
-  int4* w_rows = reinterpret_cast<int4*>(base + g.w_rows);
-  const uint64_t policy = evict_first_policy();  // read once a step
-  for (int i = threadIdx.x; i < nr * row_chunks; i += kAttnThreads) {
-    const int r = i / row_chunks, c = i % row_chunks;
-    cp_async16(w_rows + i, reinterpret_cast<const int4*>(static_cast<const W*>(g.w) + w_row(r0 + r) * g.K) + c, policy);
-  }
-  float* w_scales = reinterpret_cast<float*>(base + g.w_scales);
-  if constexpr (sizeof(W) == 1)
-    for (int i = threadIdx.x; i < nr * groups; i += kAttnThreads)
-      w_scales[i] = to_float(static_cast<const S*>(g.scales)[w_row(r0 + i / groups) * groups + i % groups]);
-  const int64_t p_early = __ldcg(a.positions + b);
-  auto share = [&](int64_t p, int64_t& s0, int64_t& s1) {  // block j's slots of 0..p
-    s0 = j * (p + 1) / C;
-    s1 = (j + 1) * (p + 1) / C;
-  };
-  int64_t s0, s1;
-  share(p_early, s0, s1);
-  T* rows = copy_early_rows<T>(a, b, kvh, s0, s1, p_early, reinterpret_cast<T*>(base + g.early));
-  allow_next_launch();
-  wait_for_inputs();
-
-  // act(x): RMSNorm, staged as the GEMV stages it.
-  GemvArgs ga{};
-  ga.x = static_cast<const T*>(g.x) + static_cast<int64_t>(b) * g.K;
-  ga.norm = g.norm;
-  ga.eps = g.eps;
-  ga.M = 1;
-  ga.K = g.K;
-  if (sizeof(T) == 2 && g.K <= 16 * kAttnThreads)
-    stage_rmsnorm_row<T, W, WholeBlock>(ga, base);
-  else
-    stage_activations<T, W, Act::kRmsNorm>(ga, base);
-  cp_async_wait_all();
-  __syncthreads();  // every thread's copies have landed
-  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
-  float* head = reinterpret_cast<float*>(base + g.head);  // [3 D]: q, k, v as T values
-  for (int r = warp; r < nr; r += kAttnThreads / 32) {
-    float v = 0.f;
-    for (int c = lane; c < row_chunks; c += 32)
-      v += chunk_dot<T, W>(w_rows[r * row_chunks + c], sizeof(W) == 1 ? w_scales[r * groups + c * EW / g.group] : 1.f,
-                           base, 1, g.K, 0, c);
-    for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffff, v, off);
-    for (int peer = lane; peer < C; peer += 32) cluster.map_shared_rank(head, peer)[r0 + r] = round_to<T>(v);
-  }
-  cluster.sync();  // the head's q, k and v are in every block
-
-  const int64_t p = a.positions[b];
-  const bool valid = p >= 0 && p < a.S && (!a.cos || p < a.P);  // the runtime never asks otherwise
-  if (p != p_early) {  // defensive, as in attention_decode_kernel: read the cache instead
-    rows = nullptr;
-    share(p, s0, s1);
-  }
-  const int64_t cache_off = (static_cast<int64_t>(b) * a.KV + kvh) * a.S * D;
-  T* kc = static_cast<T*>(a.k_cache) + cache_off;
-  T* vc = static_cast<T*>(a.v_cache) + cache_off;
-  const int ks = a.k_stride;
-  T* v_rows = rows ? rows + static_cast<int64_t>(a.early_slots) * ks : nullptr;
-  const bool owner = j == C - 1;  // its share ends at slot p
-  if (valid) {
-    // RoPE on q and k as attend() does; the owner writes k and v into their slot (and copies).
-    for (int i = threadIdx.x; i < half; i += kAttnThreads) {
-      const float q0 = head[2 * i], q1 = head[2 * i + 1], k0 = head[D + 2 * i], k1 = head[D + 2 * i + 1];
-      float k_0 = k0, k_1 = k1;
-      if (a.cos) {
-        const float c = a.cos[p * half + i], sn = a.sin[p * half + i];
-        q[2 * i] = round_to<T>(q0 * c - q1 * sn);
-        q[2 * i + 1] = round_to<T>(q0 * sn + q1 * c);
-        k_0 = k0 * c - k1 * sn;
-        k_1 = k0 * sn + k1 * c;
-      } else {
-        q[2 * i] = q0;
-        q[2 * i + 1] = q1;
-      }
-      if (owner) {
-        kc[p * D + 2 * i] = from_float<T>(k_0);
-        kc[p * D + 2 * i + 1] = from_float<T>(k_1);
-        if (rows) rows[(p - s0) * ks + 2 * i] = from_float<T>(k_0), rows[(p - s0) * ks + 2 * i + 1] = from_float<T>(k_1);
-      }
-    }
-    if (owner)
-      for (int d = threadIdx.x; d < D; d += kAttnThreads) {
-        vc[p * D + d] = from_float<T>(head[2 * D + d]);
-        if (rows) v_rows[(p - s0) * D + d] = from_float<T>(head[2 * D + d]);
-      }
-  }
-  __syncthreads();
-  // This block's share: max score, sum and weighted V (none: -inf, 0, 0), into block 0's peers.
-  float* scores = reinterpret_cast<float*>(base + g.scores);
-  float* partial = reinterpret_cast<float*>(base + g.partial);
-  float* peers = reinterpret_cast<float*>(base + g.peers);  // [C][D + 2]: weighted V, max, sum
-  float* mine = cluster.map_shared_rank(peers, 0) + j * (D + 2);
-  AttnSums sums{-INFINITY, 0.f, 0};
-  if (valid && s1 > s0)
-    sums = attend_slots<T, kAttnThreads, WholeBlock>(q, rows ? rows : kc + s0 * D, rows ? ks : D,
-                                                     rows ? v_rows : vc + s0 * D, s1 - s0, D, scores,
-                                                     partial, scratch);
-  for (int d = threadIdx.x; d < D; d += kAttnThreads) {
-    float v = 0.f;
-    for (int i = 0; i < sums.rows; ++i) v += partial[i * D + d];
-    mine[d] = v;
-  }
-  if (threadIdx.x == 0) mine[D] = sums.max, mine[D + 1] = sums.total;
-  cluster.sync();  // every share is in block 0
-  if (j == 0) {
-    T* out = static_cast<T*>(a.out) + (static_cast<int64_t>(b) * a.H + h) * D;
-    for (int d = threadIdx.x; d < D; d += kAttnThreads) {
-      float m = -INFINITY;
-      for (int i = 0; i < C; ++i) m = fmaxf(m, peers[i * (D + 2) + D]);
-      float total = 0.f, v = 0.f;
-      for (int i = 0; i < C; ++i) {
-        const float* share_i = peers + i * (D + 2);
-        if (share_i[D + 1] == 0.f) continue;  // no slots
-        const float w = __expf(share_i[D] - m);
-        total += share_i[D + 1] * w;
-        v += share_i[d] * w;
-      }
-      out[d] = from_float<T>(valid ? v / total : 0.f);
-    }
-  }
-#endif
-}
-
-// Launches qkv_attention_kernel into out ([B, 1, H D]); false where it does not fit (nothing
-// run). Blocks a head: SMs / H (so that the heads fill the device once), at most 16 (a
-// non-portable cluster size), more where a block's rows would take more than half an SM's
-// shared memory.
-template <typename T, typename W, typename S>
-bool launch_qkv_attention(const at::Tensor& x, const at::Tensor& norm, double eps, const at::Tensor& w,
-                          const OptTensor& scales, const at::Tensor& positions, const OptTensor& cos,
-                          const OptTensor& sin, at::Tensor& k_cache, at::Tensor& v_cache, int64_t H,
-                          int64_t KV, at::Tensor& out) {
-  auto kernel = qkv_attention_kernel<T, W, S>;
-  struct Room {
-    KernelRoom room;
-    int64_t budget;  // shared memory a block may take
-  };
-  static const Room sized = [&] {
-    const KernelRoom r = kernel_room(kernel, [](int optin, int fixed) { return optin - fixed; });
-    int device = 0, per_sm = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
-    cudaFuncAttributes attr;
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-    if (r.hopper)  // clusters of up to 16 blocks (the portable limit is 8)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    const int half = per_sm / 2 - static_cast<int>(attr.sharedSizeBytes) - 1024;  // 1 KB reserved a block
-    return Room{r, std::min<int64_t>(r.smem, half)};
-  }();
-  const KernelRoom& room = sized.room;
-  if (!room.hopper) return false;
-  const int64_t B = x.size(0), K = x.size(2), D = k_cache.size(3), slots = k_cache.size(2);
-  const int64_t groups = scales ? scales->size(1) : 1;
-  const int64_t k_stride = early_k_stride(D, sizeof(T));
-  const int64_t slot_bytes = (k_stride + D) * static_cast<int64_t>(sizeof(T));
-  auto up16 = [](int64_t v) { return (v + 15) / 16 * 16; };
-  static const int64_t forced = [] {  // BABYRT_QKV_ATTN_CLUSTER=n: n blocks a head (to measure)
-    const char* v = std::getenv("BABYRT_QKV_ATTN_CLUSTER");
-    return v ? std::clamp<int64_t>(std::atoi(v), 0, kMaxAttnCluster) : 0;
-  }();
-  for (int64_t want = forced ? forced : std::clamp<int64_t>(room.sms / H, 1, kMaxAttnCluster);
-       want <= kMaxAttnCluster; ++want) {
-    const int64_t R = (3 * D + want - 1) / want, C = (3 * D + R - 1) / R;  // none left empty
-    QkvAttnArgs g{x.const_data_ptr(), norm.const_data_ptr(), w.const_data_ptr(),
-                  scales ? scales->const_data_ptr() : nullptr, static_cast<float>(eps),
-                  static_cast<int>(K), static_cast<int>(K / groups), static_cast<int>(R), static_cast<int>(C)};
-    int64_t at = up16(static_cast<int64_t>(gemv_smem_bytes<T, W>(1, static_cast<int>(K))));
-    auto take = [&](int& field, int64_t bytes) { field = static_cast<int>(at); at += up16(bytes); };
-    take(g.w_rows, R * K * static_cast<int64_t>(sizeof(W)));
-    take(g.w_scales, scales ? R * groups * 4 : 0);
-    take(g.head, 3 * D * 4);
-    take(g.peers, C * (D + 2) * 4);
-    take(g.scores, ((slots + C - 1) / C) * 4);
-    take(g.partial, 8 * D * 4);  // attend_slots' partial rows: at most 8
-    if (at > sized.budget) continue;
-    const int64_t early_slots = std::min((sized.budget - at) / slot_bytes, (slots + C - 1) / C);
-    take(g.early, early_slots * slot_bytes);
-    if (clusters_that_fit(reinterpret_cast<const void*>(kernel), static_cast<int>(C), kAttnThreads,
-                          static_cast<size_t>(at)) == 0)
-      continue;
-    AttnArgs a{nullptr, positions.const_data_ptr<int64_t>(),
-               cos ? cos->const_data_ptr<float>() : nullptr, sin ? sin->const_data_ptr<float>() : nullptr,
-               k_cache.mutable_data_ptr(), v_cache.mutable_data_ptr(), out.mutable_data_ptr(),
-               static_cast<int>(H), static_cast<int>(KV), static_cast<int>(D), static_cast<int>(slots),
-               cos ? static_cast<int>(cos->size(0)) : 0, static_cast<int>(early_slots),
-               static_cast<int>(k_stride)};
-    launch_clustered(kernel, dim3(H * C, B), dim3(kAttnThreads), static_cast<size_t>(at), static_cast<int>(C), a, g);
-    return true;
-  }
-  return false;
-}
-
-// rmsnorm_linear_cuda then attention_linear_cuda; with BABYRT_QKV_ATTN=1, qkv_attention_kernel
-// then linear_cuda where it covers the call.
-at::Tensor attention_block_cuda(const at::Tensor& x, const at::Tensor& norm, double eps,
-                                const at::Tensor& wqkv, const OptTensor& qkv_scales,
-                                const at::Tensor& positions, const OptTensor& cos, const OptTensor& sin,
-                                at::Tensor& k_cache, at::Tensor& v_cache, int64_t H, int64_t KV,
-                                const at::Tensor& wo, const OptTensor& wo_scales) {
-  check_attention_block(x, norm, wqkv, qkv_scales, positions, cos, sin, k_cache, v_cache, H, KV, wo,
-                        wo_scales);
-  static const bool fused = env_is("BABYRT_QKV_ATTN", "1");  // opt-in until measured
-  const int64_t B = x.size(0), K = x.size(2), D = k_cache.size(3);
-  const auto dt = x.scalar_type();
-  const bool q8 = qkv_scales.has_value();
-  const int64_t group = q8 ? K / qkv_scales->size(1) : K;
-  const bool fits =
-      fused && (dt == at::kHalf || dt == at::kBFloat16) && H * D <= (int64_t{1} << 30) &&
-      attention_fits(AttnKernel::kDecode, x, positions, cos, sin, k_cache, v_cache) && aligned16(x) &&
-      K % 16 == 0 && wqkv.is_contiguous() && aligned16(wqkv) && norm.is_contiguous() &&
-      aligned16(norm) && norm.scalar_type() == dt &&
-      (!q8 || (group % 16 == 0 && qkv_scales->is_contiguous() &&
-               (qkv_scales->scalar_type() == at::kFloat || qkv_scales->scalar_type() == at::kBFloat16)));
-  bool done = false;
-  at::Tensor y;
-  if (fits) {
-    y = at::empty({B, 1, H * D}, x.options());
-    const c10::cuda::CUDAGuard guard(x.device());
-    dispatch_float(dt, [&](auto ttag) {
-      using CT = decltype(ttag);
-      if constexpr (sizeof(CT) == 2) {
-        auto run = [&](auto wtag, auto stag) {
-          using WT = decltype(wtag);
-          using ST = decltype(stag);
-          done = launch_qkv_attention<CT, WT, ST>(x, norm, eps, wqkv, qkv_scales, positions, cos, sin,
-                                                  k_cache, v_cache, H, KV, y);
-        };
-        dispatch_weights<CT>(qkv_scales, run);
-      }
-    });
-  }
-  if (done) return linear_cuda(y, wo, wo_scales, x);
-  const at::Tensor qkv = rmsnorm_linear_cuda(x, norm, eps, wqkv, qkv_scales, std::nullopt);
-  return attention_linear_cuda(qkv, positions, cos, sin, k_cache, v_cache, H, KV, wo, wo_scales, x);
-}
-
 // ------------------------------------------------------------------ embedding
 // One block per token: its row of W (dequantized when int8), as T. One kernel where the
 // reference takes up to four (two gathers, the dequantize and the cast).
@@ -1439,7 +1151,6 @@ TORCH_LIBRARY_IMPL(babyrt, CUDA, m) {
   m.impl("swiglu_linear", swiglu_linear_cuda);
   m.impl("attention", attention_cuda);
   m.impl("attention_linear", attention_linear_cuda);
-  m.impl("attention_block", attention_block_cuda);
   m.impl("greedy_advance", greedy_advance_cuda);
   m.impl("embedding", embedding_cuda);
 }

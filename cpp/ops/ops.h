@@ -19,7 +19,8 @@
 //                   v_cache!, n_heads, n_kv_heads, wo, wo_scales?)
 //        attention_linear(rmsnorm_linear(x, norm_weight, eps, wqkv, qkv_scales), positions, ...,
 //        wo, wo_scales, residual=x): a layer's whole attention half, one op so that a device can
-//        fuse across it (CUDA, opt-in: the QKV projection and attention as one kernel)
+//        fuse across it (every device runs the two ops: a CUDA kernel of the QKV GEMV and
+//        attention was slower, docs/cuda-decode.md)
 //   embedding(tokens, weight, scales?, dtype)          rows of W (dequantized), as dtype
 //   dequantize(weight, scales)                          int8 W times its group scales, fp32
 //   greedy_advance(logits, token!, position!, history!)  a greedy decode step's bookkeeping:

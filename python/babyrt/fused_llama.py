@@ -4,8 +4,8 @@ babyrt's fused ops (cpp/ops) so that a decode step is 3 op calls per layer inste
     x   = attention_block(x, attention_norm, Wqkv, positions, rope, k/v cache, Wo)
             # = attention_linear(rmsnorm_linear(x, attention_norm, Wqkv), positions, rope,
             #                    k/v cache, Wo, residual=x): q, k, v in one GEMV; RoPE, cache
-            #   write and attention; Wo (CUDA: three kernels; with BABYRT_QKV_ATTN=1 the GEMV
-            #   and attention are one)
+            #   write and attention; Wo (CUDA: three kernels, or two with
+            #   BABYRT_ATTN_LINEAR=1)
     h   = rmsnorm_linear(x, ffn_norm, W13)                  # gate and up in one GEMV
     x   = swiglu_linear(h, W2, residual=x)
 
