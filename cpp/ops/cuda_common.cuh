@@ -182,6 +182,9 @@ struct GemvArgs {
   int ring_slots;        // gemv_stream_kernel: pieces of W its shared-memory ring holds
   int row_lanes;         // lanes per row (gemv_kernel 32 to 4, gemv_stream_kernel 32 to 8; a warp takes 32 / it rows)
   bool y_float;          // y is fp32: the T result widened (the reference's cast)
+  bool early_residual;   // gemv_kernel, gemv_rowbuf_kernel: one row of x: each output's residual
+                         // is read right after the PDL wait, so that its round trip to L2
+                         // overlaps the staging of x instead of following the dot product
 };
 
 // Shared memory the GEMV stages act(x) in: as T for float weights; as int8 with one fp32 scale
@@ -349,13 +352,22 @@ __device__ __forceinline__ float chunk_dot(const int4& wv, float w_scale, const 
   }
 }
 
+// The residual of y[m, n] (0 without one), read early: see GemvArgs::early_residual.
+template <typename T>
+__device__ __forceinline__ float early_residual(const GemvArgs& a, int m, int n) {
+  return a.early_residual && a.residual && n < a.N
+             ? to_float(static_cast<const T*>(a.residual)[static_cast<int64_t>(m) * a.N + n]) : 0.f;
+}
+
 // y[m, n] from its dot product v: the residual added and the result rounded as the reference
-// does (fp32 y: the T result widened).
+// does (fp32 y: the T result widened). have_res: res is the residual, as early_residual read it.
 template <typename T, bool kCG = false>
-__device__ __forceinline__ void store_output(const GemvArgs& a, int m, int n, float v) {
+__device__ __forceinline__ void store_output(const GemvArgs& a, int m, int n, float v, bool have_res = false,
+                                             float res = 0.f) {
   const int64_t i = static_cast<int64_t>(m) * a.N + n;
   float out = v;
-  if (a.residual) out = round_to<T>(out) + to_float(load<kCG>(static_cast<const T*>(a.residual) + i));
+  if (a.residual)
+    out = round_to<T>(out) + (have_res ? res : to_float(load<kCG>(static_cast<const T*>(a.residual) + i)));
   if (a.y_float)
     static_cast<float*>(a.y)[i] = round_to<T>(out);
   else
@@ -529,6 +541,16 @@ struct AttnArgs {
   int H, KV, D, S, P;
   int early_slots;  // attention_decode_kernel: K and V rows it copies before its PDL wait (0: none)
   int k_stride;     // elements from one copied K row to the next: D, or more to spread the banks
+  bool early_rope;  // attention_decode_kernel: reads its RoPE row before its PDL wait (EarlyReads)
+};
+
+// What an attention kernel read before its PDL wait: the sequence's position p (-1: nothing),
+// and where rope, this thread's pair (threadIdx.x) of RoPE row p. attend() checks the position
+// after the wait; if it moved, it drops the early K/V copy and reads the tables again.
+struct EarlyReads {
+  int64_t p;
+  bool rope;
+  float c, s;
 };
 
 // Reduction of one float (max or sum) over the Block's threads.
@@ -647,22 +669,37 @@ __device__ AttnSums attend_slots(const float* q, const T* k, int ks, const T* v,
 // Head h of sequence b for one new token, by the Block's kThreads threads: RoPE on q and k, k
 // and v into the cache at the sequence's position, softmax(q K^T / sqrt(D)) V over the slots up
 // to it, into out. smem: attend_smem_bytes. kCopy: kv_copy (or null) is shared memory that
-// already holds the head's K rows of the slots before the position (a.k_stride elements
+// already holds the head's K rows of the slots before position early.p (a.k_stride elements
 // apart), and a.early_slots K rows further on its V rows (D apart); the new k and v go there
-// too, and the slots are read from there instead of the cache. (A template flag, so that decode_step, which copies nothing, reads the
-// cache through global loads, not through pointers chosen at run time.) y_smem (or null): the
-// head's output goes there instead, as floats rounded to T (attention_linear_kernel).
+// too, and the slots are read from there instead of the cache. (A template flag, so that
+// decode_step, which copies nothing, reads the cache through global loads, not through pointers
+// chosen at run time.) y_smem (or null): the head's output goes there instead, as floats
+// rounded to T (attention_linear_kernel). early: what the caller read before its PDL wait.
 template <typename T, int kThreads, typename Block, bool kCopy = false>
 __device__ void attend(const AttnArgs& a, int h, int b, float* smem, T* kv_copy = nullptr,
-                       float* y_smem = nullptr) {
+                       float* y_smem = nullptr, EarlyReads early = EarlyReads{-1, false, 0.f, 0.f}) {
+  static_assert(kThreads >= kMaxHeadDim, "a thread per pair of q and k, and per value of v");
   constexpr bool kCG = Block::kCoherent;
   __shared__ float q[kMaxHeadDim];
   __shared__ float scratch[32];
   const int D = a.D, half = D / 2;
   const int kvh = h / (a.H / a.KV);
 
+  // The position, and this thread's values of q, k and v, in one round trip to L2 (their
+  // addresses do not depend on the position).
   const int64_t p = a.positions[b];
   const T* row = static_cast<const T*>(a.qkv) + static_cast<int64_t>(b) * (a.H + 2 * a.KV) * D;
+  const T* qh = row + h * D;
+  const T* kh = row + (a.H + kvh) * D;
+  const T* vh = row + (a.H + a.KV + kvh) * D;
+  const int i = threadIdx.x;  // this thread's pair of q and k, and value of v
+  float q0 = 0.f, q1 = 0.f, k0 = 0.f, k1 = 0.f;
+  T v_new{};
+  if (i < half) {
+    q0 = to_float(load<kCG>(qh + 2 * i)), q1 = to_float(load<kCG>(qh + 2 * i + 1));
+    k0 = to_float(load<kCG>(kh + 2 * i)), k1 = to_float(load<kCG>(kh + 2 * i + 1));
+  }
+  if (i < D) v_new = load<kCG>(vh + i);
   T* out = static_cast<T*>(a.out) + (static_cast<int64_t>(b) * a.H + h) * D;
   if (p < 0 || p >= a.S || (a.cos && p >= a.P)) {  // the runtime never asks this; stay in bounds
     for (int d = threadIdx.x; d < D; d += kThreads) {
@@ -674,20 +711,17 @@ __device__ void attend(const AttnArgs& a, int h, int b, float* smem, T* kv_copy 
   const int64_t cache_off = (static_cast<int64_t>(b) * a.KV + kvh) * a.S * D;
   T* kc = static_cast<T*>(a.k_cache) + cache_off;
   T* vc = static_cast<T*>(a.v_cache) + cache_off;
+  if (early.p != p) kv_copy = nullptr;  // the position moved since the copy: read the cache
   T* const k_rows = kCopy ? kv_copy : nullptr;  // the slots' copies, if any
   const int ks = a.k_stride;  // of k_rows
   T* const v_rows = kCopy && kv_copy ? kv_copy + static_cast<int64_t>(a.early_slots) * ks : nullptr;
 
   // RoPE on q and on this token's k; k and v into their slot. Every block of a kv head writes
   // the same values, so the duplicate writes are benign and each block then reads its own.
-  const T* qh = row + h * D;
-  const T* kh = row + (a.H + kvh) * D;
-  const T* vh = row + (a.H + a.KV + kvh) * D;
-  for (int i = threadIdx.x; i < half; i += kThreads) {
-    const float q0 = to_float(load<kCG>(qh + 2 * i)), q1 = to_float(load<kCG>(qh + 2 * i + 1));
-    const float k0 = to_float(load<kCG>(kh + 2 * i)), k1 = to_float(load<kCG>(kh + 2 * i + 1));
+  if (i < half) {
     if (a.cos) {
-      const float c = a.cos[p * half + i], s = a.sin[p * half + i];
+      const bool pre = early.rope && early.p == p;
+      const float c = pre ? early.c : a.cos[p * half + i], s = pre ? early.s : a.sin[p * half + i];
       q[2 * i] = round_to<T>(q0 * c - q1 * s);
       q[2 * i + 1] = round_to<T>(q0 * s + q1 * c);
       kc[p * D + 2 * i] = from_float<T>(k0 * c - k1 * s);
@@ -706,10 +740,11 @@ __device__ void attend(const AttnArgs& a, int h, int b, float* smem, T* kv_copy 
         if (k_rows) k_rows[p * ks + 2 * i] = from_float<T>(k0), k_rows[p * ks + 2 * i + 1] = from_float<T>(k1);
     }
   }
-  for (int d = threadIdx.x; d < D; d += kThreads) vc[p * D + d] = load<kCG>(vh + d);
-  if constexpr (kCopy)
-    if (v_rows)
-      for (int d = threadIdx.x; d < D; d += kThreads) v_rows[p * D + d] = load<kCG>(vh + d);
+  if (i < D) {
+    vc[p * D + i] = v_new;
+    if constexpr (kCopy)
+      if (v_rows) v_rows[p * D + i] = v_new;
+  }
   Block::sync();
 
   const AttnSums sums = attend_slots<T, kThreads, Block>(
