@@ -115,7 +115,8 @@ __global__ void __launch_bounds__(kWarps * 32, kB <= kLongRowBatch ? 3 : 2) gemv
   load_batch(row_of(0), col);
   wait_for_inputs();
   allow_next_launch();  // only after the wait: see attention_decode_kernel
-  const bool early_res = kAct != Act::kRmsNorm && a.early_residual && a.M == 1;  // rmsnorm_linear: none
+  // The first row's residual now (see early_residual; rmsnorm_linear has none).
+  const bool early_res = kAct != Act::kRmsNorm && a.M == 1;
   const float res0 = early_res && col == 0 ? early_residual<T>(a, 0, row_of(0)) : 0.f;
   stage_block<T, W, kAct>(a, smem);
 
@@ -377,7 +378,8 @@ __global__ void __launch_bounds__(kWarps * 32, 4) gemv_rowbuf_kernel(GemvArgs a)
   const float scale = lane < R && n0 + lane < a.N ? to_float(static_cast<const S*>(a.scales)[n0 + lane]) : 0.f;
   wait_for_inputs();
   allow_next_launch();  // only after the wait: see attention_decode_kernel
-  const float res = lane < R ? early_residual<T>(a, 0, n0 + lane) : 0.f;  // lane r: row r's
+  // Lane r holds row r's residual (see early_residual).
+  const float res = lane < R ? early_residual<T>(a, 0, n0 + lane) : 0.f;
   stage_block<T, int8_t, kAct>(a, smem);
   cp_async_wait_all();
   for (int r = 0; r < R && n0 + r < a.N; ++r) {
@@ -386,7 +388,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) gemv_rowbuf_kernel(GemvArgs a)
     for (int c = lane; c < chunks; c += 32) v += chunk_dot<T, int8_t>(rows[r * chunks + c], row_scale, smem, 1, a.K, 0, c);
     for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffff, v, off);
     const float row_res = __shfl_sync(0xffffffff, res, r);
-    if (lane == 0) store_output<T>(a, 0, n0 + r, v, a.early_residual, row_res);
+    if (lane == 0) store_output<T>(a, 0, n0 + r, v, true, row_res);
   }
 }
 
@@ -535,8 +537,6 @@ bool try_gemv(Act act, const at::Tensor& x, const at::Tensor& w, const OptTensor
   if (norm && (norm->scalar_type() != T || !norm->is_contiguous() || !aligned16(*norm))) return false;
   if (residual && (!residual->is_contiguous() || residual->scalar_type() != T)) return false;
 
-  // BABYRT_EARLY_RESIDUAL=0 (to measure): the residual read after the dot product.
-  static const bool early_residual = !env_is("BABYRT_EARLY_RESIDUAL", "0");
   const c10::cuda::CUDAGuard guard(x.device());
   bool launched = false;
   // kMaxRows rows of x (and of y and the residual) a launch. The first launch takes the most
@@ -552,7 +552,7 @@ bool try_gemv(Act act, const at::Tensor& x, const at::Tensor& w, const OptTensor
         static_cast<char*>(y.mutable_data_ptr()) + m0 * N * y.element_size(),
         static_cast<float>(eps), static_cast<int>(rows), static_cast<int>(N),
         static_cast<int>(K), static_cast<int>(group), 1, 0, 32,
-        y.scalar_type() == at::kFloat && T != at::kFloat, early_residual};
+        y.scalar_type() == at::kFloat && T != at::kFloat};
     dispatch_float(T, [&](auto ttag) {
       using CT = decltype(ttag);
       auto run = [&](auto wtag, auto stag) {
@@ -654,7 +654,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs
   // the position, q, k and v come in one round trip to L2 and nothing waits on the position.
   EarlyReads early{p, false, 0.f, 0.f};
   const int half = a.D / 2;
-  if (a.early_rope && a.cos && p >= 0 && p < a.P && threadIdx.x < half)
+  if (a.cos && p >= 0 && p < a.P && threadIdx.x < half)
     early = EarlyReads{p, true, a.cos[p * half + threadIdx.x], a.sin[p * half + threadIdx.x]};
   allow_next_launch();
   wait_for_inputs();
@@ -863,15 +863,12 @@ at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, co
     const int early_slots = static_cast<int>(std::clamp<int64_t>(room / slot_bytes, 0, S));
     const size_t smem = early_slots > 0 ? offset + static_cast<size_t>(early_slots) * slot_bytes
                                         : attend_smem_bytes(S, D, kAttnThreads);
-    // BABYRT_EARLY_ROPE=0 (to measure): the RoPE row read after the wait.
-    static const bool early_rope = !env_is("BABYRT_EARLY_ROPE", "0");
     AttnArgs a{qkv.const_data_ptr(), positions.const_data_ptr<int64_t>(),
                cos ? cos->const_data_ptr<float>() : nullptr,
                sin ? sin->const_data_ptr<float>() : nullptr, k_cache.mutable_data_ptr(),
                v_cache.mutable_data_ptr(), out.mutable_data_ptr(), static_cast<int>(H),
                static_cast<int>(KV), static_cast<int>(D), static_cast<int>(S),
-               cos ? static_cast<int>(cos->size(0)) : 0, early_slots, static_cast<int>(k_stride),
-               early_rope};
+               cos ? static_cast<int>(cos->size(0)) : 0, early_slots, static_cast<int>(k_stride)};
     launch(kernel, dim3(H, B), dim3(kAttnThreads), smem, a);
   });
   return out;
