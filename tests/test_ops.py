@@ -195,6 +195,25 @@ def test_attention_prefill_then_decode(device, H, KV, D):
         torch.testing.assert_close(caches[1], caches[3])
 
 
+def decode_case(device, dtype, H, KV, D, B=3, S=300):
+    """Three sequences at positions 0, 17 and 299 of caches of S random slots, and the RoPE
+    tables: (cos, sin, caches, copies of the caches, positions)."""
+    opt = dict(device=device, dtype=dtype)
+    cos, sin = (t.to(device) for t in rope_tables(D, S, 10000.0))
+    caches = [torch.randn(B, KV, S, D, **opt) for _ in range(2)]
+    positions = torch.tensor([[0], [17], [299]], device=device)
+    return cos, sin, caches, [c.clone() for c in caches], positions
+
+
+def weight_as(w, weights, device, dtype):
+    """(weight, scales) of fp32 w as a test's weights: "float" (in dtype), "int8" (per channel,
+    fp32 scales) or "int8-g32-bf16" (group 32, bf16 scales)."""
+    if weights == "float":
+        return w.to(device=device, dtype=dtype), None
+    q, s = quantize_weight(w, 32 if "g32" in weights else None, "bf16" if "bf16" in weights else "fp32")
+    return q.to(device), s.to(device)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H,KV,D", [(6, 6, 48), (12, 12, 64), (4, 2, 128), (32, 4, 64)])
@@ -208,20 +227,12 @@ def test_attention_linear_equals_attention_then_linear(device, dtype, H, KV, D, 
     the kernel copies their slots into shared memory where they fit and reads the cache where
     they do not (D 128 at 299)."""
     torch.manual_seed(H + D)
-    B, S, dim = 3, 300, 96
+    B, dim = 3, 96
     opt = dict(device=device, dtype=dtype)
-    cos, sin = (t.to(device) for t in rope_tables(D, S, 10000.0))
-    caches = [torch.randn(B, KV, S, D, **opt) for _ in range(2)]
-    ref_caches = [c.clone() for c in caches]
-    positions = torch.tensor([[0], [17], [299]], device=device)
+    cos, sin, caches, ref_caches, positions = decode_case(device, dtype, H, KV, D, B)
     qkv = torch.randn(B, 1, (H + 2 * KV) * D, **opt)
     residual = torch.randn(B, 1, dim, **opt)
-    w = torch.randn(dim, H * D) * (H * D) ** -0.5
-    if weights == "float":
-        q, s = w.to(**opt), None
-    else:
-        q, s = quantize_weight(w, 32 if "g32" in weights else None, "bf16" if "bf16" in weights else "fp32")
-        q, s = q.to(device), s.to(device)
+    q, s = weight_as(torch.randn(dim, H * D) * (H * D) ** -0.5, weights, device, dtype)
     got = ops.attention_linear(qkv, positions, cos, sin, *caches, H, KV, q, s, residual)
     y = ops.attention(qkv, positions, cos, sin, *ref_caches, H, KV)
     want = ops.linear(y, q, s, residual)
@@ -249,22 +260,12 @@ def test_attention_block_equals_its_parts(device, dtype, H, KV, D, weights):
     0, 17 and 299 (the attention kernel copies their slots into shared memory where they fit and
     reads the cache where they do not)."""
     torch.manual_seed(H + D)
-    B, S, dim = 3, 300, 128
-    opt = dict(device=device, dtype=dtype)
-    cos, sin = (t.to(device) for t in rope_tables(D, S, 10000.0))
-    caches = [torch.randn(B, KV, S, D, **opt) for _ in range(2)]
-    ref_caches = [c.clone() for c in caches]
-    positions = torch.tensor([[0], [17], [299]], device=device)
-    x = torch.randn(B, 1, dim, **opt)
-    norm = (1 + 0.1 * torch.randn(dim)).to(**opt)
-    wqkv = torch.randn((H + 2 * KV) * D, dim) * dim ** -0.5
-    wo = torch.randn(dim, H * D) * (H * D) ** -0.5
-    if weights == "float":
-        (qw, qs), (ow, os_) = (wqkv.to(**opt), None), (wo.to(**opt), None)
-    else:
-        group, sd = 32 if "g32" in weights else None, "bf16" if "bf16" in weights else "fp32"
-        (qw, qs), (ow, os_) = quantize_weight(wqkv, group, sd), quantize_weight(wo, group, sd)
-        qw, qs, ow, os_ = qw.to(device), qs.to(device), ow.to(device), os_.to(device)
+    B, dim = 3, 128
+    cos, sin, caches, ref_caches, positions = decode_case(device, dtype, H, KV, D, B)
+    x = torch.randn(B, 1, dim, device=device, dtype=dtype)
+    norm = (1 + 0.1 * torch.randn(dim)).to(device=device, dtype=dtype)
+    qw, qs = weight_as(torch.randn((H + 2 * KV) * D, dim) * dim ** -0.5, weights, device, dtype)
+    ow, os_ = weight_as(torch.randn(dim, H * D) * (H * D) ** -0.5, weights, device, dtype)
     got = ops.attention_block(x, norm, 1e-5, qw, qs, positions, cos, sin, *caches, H, KV, ow, os_)
     qkv = ops.rmsnorm_linear(x, norm, 1e-5, qw, qs)
     want = ops.attention_linear(qkv, positions, cos, sin, *ref_caches, H, KV, ow, os_, x)
