@@ -289,13 +289,8 @@ def test_embedding(device, dtype, weights):
     torch.manual_seed(2)
     table = torch.randn(50, 96, device=device)
     tokens = torch.tensor([[3, 0, 49], [7, 7, 1]], device=device)
-    if weights == "float":
-        w, s = table.to(dtype), None
-        want = w[tokens]
-    else:
-        w, s = quantize_weight(table, 32 if "g32" in weights else None,
-                               "bf16" if "bf16" in weights else "fp32")
-        want = dequantize(w, s)[tokens].to(dtype)
+    w, s = weight_as(table, weights, device, dtype)
+    want = w[tokens] if s is None else dequantize(w, s)[tokens].to(dtype)
     got = ops.embedding(tokens, w, s, dtype)
     assert got.dtype == dtype and got.shape == (2, 3, 96)
     assert torch.equal(got, want)
