@@ -132,13 +132,13 @@ def test_cuda_fused_decode_ops_match_references(dtype, M, N, K):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("H,KV,D", [(6, 6, 48), (32, 4, 64), (4, 2, 128)])
+@pytest.mark.parametrize("H,KV,D", [(6, 6, 48), (32, 4, 64), (4, 2, 128), (2, 1, 256)])
 def test_cuda_decode_attention_matches_reference(dtype, H, KV, D):
     """The decode kernel (one token per sequence, sequences at different positions) against
     the reference path, including the cache it writes. The kernel copies the filled slots into
     shared memory where they fit (96 KB: bf16 D 64 holds 361 slots, its K rows padded by 16
     bytes) and reads the cache where they do not (position 299 with D 128, or fp32 D 48): both
-    paths run here."""
+    paths run here. D 256 in fp32 gives each lane two 16-byte chunks of a row."""
     from test_ops import reference_attention
     from babyrt.training.models.layers import rope_tables
     torch.manual_seed(H + D)

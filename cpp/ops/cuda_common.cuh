@@ -27,7 +27,6 @@ namespace {
 constexpr int kMaxRows = 8;      // rows of x one GEMV launch takes
 constexpr int kMaxGemvRows = 32; // rows of x the GEMV takes, kMaxRows a launch; more: cuBLAS
 constexpr int kMaxHeadDim = 256;
-constexpr int64_t kMaxAttnSlots = 8192;  // scores of the filled slots live in shared memory
 constexpr int kPieceBytes = 16384;       // the unit of bulk weight copies
 constexpr int kPieceChunks = kPieceBytes / 16;
 
@@ -552,117 +551,137 @@ struct EarlyReads {
   float c, s;
 };
 
-// Reduction of one float (max or sum) over the Block's threads.
-template <bool kMax, typename Block>
-__device__ float block_reduce(float v, float* scratch) {
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) {
-    const float o = __shfl_xor_sync(0xffffffff, v, off);
-    v = kMax ? fmaxf(v, o) : v + o;
-  }
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  Block::sync();  // scratch may still be read from a previous call
-  if (lane == 0) scratch[warp] = v;
-  Block::sync();
-  v = scratch[0];
-  for (int i = 1; i < Block::threads() / 32; ++i) v = kMax ? fmaxf(v, scratch[i]) : v + scratch[i];
-  return v;
+// Shared memory attend() takes: each warp's running max, sum and weighted row of V.
+__host__ __device__ constexpr size_t attend_smem_bytes(int D, int threads) {
+  return static_cast<size_t>(threads / 32) * (D + 2) * sizeof(float);
 }
 
-// Shared memory attend() takes: scores [S], then one partial output row per warp.
-__host__ __device__ constexpr size_t attend_smem_bytes(int S, int D, int threads) {
-  return (static_cast<size_t>(S) + static_cast<size_t>(threads / 32) * D) * sizeof(float);
+// One slot's share of the running softmax (max m, sum l) and of the weighted V row (acc): a
+// slot of score s and V values vals joins it. Returns nothing new where s is -inf.
+template <int kE, int kC>
+__device__ __forceinline__ void softmax_join(float& m, float& l, float (&acc)[kC][kE], float om, float ol,
+                                             const float (&oacc)[kC][kE]) {
+  const float mn = fmaxf(m, om);
+  if (mn == -INFINITY) return;  // both empty
+  const float a = __expf(m - mn), b = __expf(om - mn);
+  l = l * a + ol * b;
+#pragma unroll
+  for (int c = 0; c < kC; ++c)
+#pragma unroll
+    for (int e = 0; e < kE; ++e) acc[c][e] = acc[c][e] * a + oacc[c][e] * b;
+  m = mn;
 }
 
-// What attend_slots leaves: the slots' largest score, the sum of exp(score - max), and how many
-// partial rows of the weighted sum of V it wrote.
-struct AttnSums {
-  float max, total;
-  int rows;
-};
-
-// Softmax-weighted V over n slots (n >= 1) for query q (D floats in shared memory, rotated), by
-// the Block's kThreads threads: slot j's K row at k + j * ks, its V row at v + j * D (shared or
-// global memory). scores: n floats of shared memory. partial: up to 8 D floats of shared memory,
-// where it leaves sum_j exp(score_j - max) V_j in AttnSums::rows partial rows (synced; their
-// sum over rows is the weighted sum). scratch: 32 floats.
-template <typename T, int kThreads, typename Block>
-__device__ AttnSums attend_slots(const float* q, const T* k, int ks, const T* v, int64_t n, int D,
-                                 float* scores, float* partial, float* scratch) {
-  constexpr int E = 16 / sizeof(T);  // cache elements per 16-byte vector
-  // Scores, one slot per thread at a time; a row of K is read four 16-byte chunks at a time so
-  // that their loads are in flight together.
-  const float scale = rsqrtf(static_cast<float>(D));
-  float local_max = -INFINITY;
-  for (int64_t j = threadIdx.x; j < n; j += kThreads) {
-    const T* kj = k + j * ks;
-    float s = 0.f;
-    for (int d0 = 0; d0 < D; d0 += 4 * E) {
-      float kv[4][E];
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-        if (d0 + u * E < D) load_floats<T, E>(kj + d0 + u * E, kv[u]);
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-        if (d0 + u * E < D) {
-#pragma unroll
-          for (int e = 0; e < E; ++e) s += q[d0 + u * E + e] * kv[u][e];
-        }
-    }
-    s *= scale;
-    scores[j] = s;
-    local_max = fmaxf(local_max, s);
-  }
-  const float m = block_reduce<true, Block>(local_max, scratch);
-  float local_sum = 0.f;
-  for (int64_t j = threadIdx.x; j < n; j += kThreads) {
-    const float e = __expf(scores[j] - m);
-    scores[j] = e;
-    local_sum += e;
-  }
-  const float total = block_reduce<false, Block>(local_sum, scratch);  // its sync publishes scores
-
-  // Weighted sum of values: thread = (slot group g, 16-byte column chunk c), the chunks of a
-  // row padded to a power of two (span) so that the groups within a warp sum by shuffles.
-  // Four slots per thread are loaded at once.
+// softmax(q K^T / sqrt(D)) V over n slots (n >= 1) for query q (D floats in shared memory,
+// rotated, synced), by the Block's kThreads threads: slot j's K row at k + j * ks, its V row at
+// v + j * D (shared or global memory). Calls emit(d, value) for each output d (each by one
+// thread). work: attend_smem_bytes.
+//
+// One pass, no block-wide reductions in it (the scores, max and sum each took a block-wide
+// round of shared memory and two syncs): a slot takes L lanes (16-byte chunks of its K and V
+// rows each), a warp 32 / L slots at a time, and each group of lanes keeps a running max, sum
+// and weighted V (online softmax); the groups of a warp then combine by shuffles, and the warps
+// through shared memory after one sync.
+template <typename T, int kThreads, typename Block, typename Emit>
+__device__ void attend_slots(const float* q, const T* k, int ks, const T* v, int64_t n, int D, float* work,
+                             Emit&& emit) {
+  constexpr int E = 16 / sizeof(T);                        // values per 16-byte chunk
+  constexpr int kC = (kMaxHeadDim / E + 31) / 32;          // chunks per lane, at most
+  constexpr int kWarps = kThreads / 32;
   const int vecs = D / E;
-  int span = 1;
-  while (span < vecs) span *= 2;
-  const int groups = kThreads / span, c = threadIdx.x % span, g = threadIdx.x / span;
-  float acc[E];
+  int L = 1;  // lanes per slot: the chunks of a row, to a power of two, at most a warp
+  while (L < vecs && L < 32) L *= 2;
+  const int G = 32 / L;  // slots a warp takes at once
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / L, c0 = lane % L;
+  const float scale = rsqrtf(static_cast<float>(D));
+  float qr[kC][E];
 #pragma unroll
-  for (int e = 0; e < E; ++e) acc[e] = 0.f;
-  if (c < vecs) {
-    int64_t j = g;
-    for (; j + 3 * groups < n; j += 4 * groups) {
-      float vv[4][E];
+  for (int c = 0; c < kC; ++c)
 #pragma unroll
-      for (int u = 0; u < 4; ++u) load_floats<T, E>(v + (j + u * groups) * D + c * E, vv[u]);
+    for (int e = 0; e < E; ++e) {
+      const int d = (c0 + c * L) * E + e;
+      qr[c][e] = d < D ? q[d] * scale : 0.f;
+    }
+  float m = -INFINITY, l = 0.f, acc[kC][E];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const float w = scores[j + u * groups];
+  for (int c = 0; c < kC; ++c)
 #pragma unroll
-        for (int e = 0; e < E; ++e) acc[e] += w * vv[u][e];
+    for (int e = 0; e < E; ++e) acc[c][e] = 0.f;
+
+  // Two slots a group per round (their loads in flight together); every lane of the warp runs
+  // the same rounds, so the shuffles see the whole warp.
+  const int64_t step = static_cast<int64_t>(kWarps) * G;
+  for (int64_t j0 = static_cast<int64_t>(warp) * G + g; j0 - g < n; j0 += 2 * step) {
+    float s[2], vals[2][kC][E];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int64_t j = j0 + u * step;
+      float kv[kC][E];
+#pragma unroll
+      for (int c = 0; c < kC; ++c) {
+        const int chunk = c0 + c * L;
+        const bool in = j < n && chunk < vecs;
+        if (in) {
+          load_floats<T, E>(k + j * ks + chunk * E, kv[c]);
+          load_floats<T, E>(v + j * D + chunk * E, vals[u][c]);
+        }
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          if (!in) kv[c][e] = 0.f, vals[u][c][e] = 0.f;
+        }
       }
-    }
-    for (; j < n; j += groups) {
-      float vv[E];
-      load_floats<T, E>(v + j * D + c * E, vv);
-      const float w = scores[j];
+      float dot = 0.f;
 #pragma unroll
-      for (int e = 0; e < E; ++e) acc[e] += w * vv[e];
+      for (int c = 0; c < kC; ++c)
+#pragma unroll
+        for (int e = 0; e < E; ++e) dot += qr[c][e] * kv[c][e];
+      for (int off = L / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffff, dot, off);
+      s[u] = j < n ? dot : -INFINITY;
     }
+    const float mn = fmaxf(m, fmaxf(s[0], s[1]));
+    if (mn == -INFINITY) continue;  // no slot for this group this round (uniform in the group)
+    const float a = __expf(m - mn), p0 = __expf(s[0] - mn), p1 = __expf(s[1] - mn);
+    l = l * a + p0 + p1;
+#pragma unroll
+    for (int c = 0; c < kC; ++c)
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[c][e] = acc[c][e] * a + p0 * vals[0][c][e] + p1 * vals[1][c][e];
+    m = mn;
   }
-  for (int off = span; off < 32; off *= 2)
+  // The warp's groups, by shuffles.
+  for (int off = L; off < 32; off *= 2) {
+    const float om = __shfl_xor_sync(0xffffffff, m, off), ol = __shfl_xor_sync(0xffffffff, l, off);
+    float oacc[kC][E];
 #pragma unroll
-    for (int e = 0; e < E; ++e) acc[e] += __shfl_xor_sync(0xffffffff, acc[e], off);
-  // One partial row per warp (per group when a group spans several warps).
-  const int per_row = span > 32 ? span : 32;
-  if (threadIdx.x % per_row < span && c < vecs)
+    for (int c = 0; c < kC; ++c)
 #pragma unroll
-    for (int e = 0; e < E; ++e) partial[(threadIdx.x / per_row) * D + c * E + e] = acc[e];
+      for (int e = 0; e < E; ++e) oacc[c][e] = __shfl_xor_sync(0xffffffff, acc[c][e], off);
+    softmax_join<E, kC>(m, l, acc, om, ol, oacc);
+  }
+  // The warps, through shared memory: [warp][D values, max, sum].
+  float* mine = work + warp * (D + 2);
+  if (g == 0) {
+#pragma unroll
+    for (int c = 0; c < kC; ++c)
+#pragma unroll
+      for (int e = 0; e < E; ++e)
+        if ((c0 + c * L) < vecs) mine[(c0 + c * L) * E + e] = acc[c][e];
+    if (lane == 0) mine[D] = m, mine[D + 1] = l;
+  }
   Block::sync();
-  return AttnSums{m, total, kThreads / per_row};
+  for (int d = threadIdx.x; d < D; d += kThreads) {
+    float mx = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, work[w * (D + 2) + D]);
+    float num = 0.f, den = 0.f;
+    for (int w = 0; w < kWarps; ++w) {
+      const float* r = work + w * (D + 2);
+      if (r[D] == -INFINITY) continue;  // a warp that had no slot
+      const float f = __expf(r[D] - mx);
+      num += r[d] * f;
+      den += r[D + 1] * f;
+    }
+    emit(d, num / den);
+  }
 }
 
 // Head h of sequence b for one new token, by the Block's kThreads threads: RoPE on q and k, k
@@ -680,7 +699,6 @@ __device__ void attend(const AttnArgs& a, int h, int b, float* smem, T* kv_copy 
   static_assert(kThreads >= kMaxHeadDim, "a thread per pair of q and k, and per value of v");
   constexpr bool kCG = Block::kCoherent;
   __shared__ float q[kMaxHeadDim];
-  __shared__ float scratch[32];
   const int D = a.D, half = D / 2;
   const int kvh = h / (a.H / a.KV);
 
@@ -746,15 +764,11 @@ __device__ void attend(const AttnArgs& a, int h, int b, float* smem, T* kv_copy 
   }
   Block::sync();
 
-  const AttnSums sums = attend_slots<T, kThreads, Block>(
-      q, kCopy && k_rows ? k_rows : kc, kCopy && k_rows ? ks : D, kCopy && v_rows ? v_rows : vc, p + 1, D,
-      smem, smem + a.S, scratch);
-  for (int d = threadIdx.x; d < D; d += kThreads) {
-    float v = 0.f;
-    for (int i = 0; i < sums.rows; ++i) v += smem[a.S + i * D + d];
-    if (y_smem) y_smem[d] = round_to<T>(v / sums.total);
-    else out[d] = from_float<T>(v / sums.total);
-  }
+  attend_slots<T, kThreads, Block>(q, kCopy && k_rows ? k_rows : kc, kCopy && k_rows ? ks : D,
+                                   kCopy && v_rows ? v_rows : vc, p + 1, D, smem, [&](int d, float v) {
+                                     if (y_smem) y_smem[d] = round_to<T>(v);
+                                     else out[d] = from_float<T>(v);
+                                   });
 }
 
 

@@ -429,7 +429,7 @@ bool launch_decode_step(StepArgs& a) {
   const int blocks = dev.sms;
   if ((a.dim + blocks - 1) / blocks > kMaxSlice) return false;
   auto up = [](size_t v) { return (v + 127) / 128 * 128; };
-  size_t work = attend_smem_bytes(a.S, a.D, kStepWarps * 32);
+  size_t work = attend_smem_bytes(a.D, kStepWarps * 32);
   int min_slots = 1;
   for (int m = 0; m < kMatrices; ++m) {
     int N, K;
@@ -513,7 +513,7 @@ at::Tensor decode_step_cuda(const at::Tensor& tokens, const at::Tensor& position
   if (w13_0.dim() != 2) return none;
   const int64_t hidden = w13_0.size(0) / 2, V = out_w.dim() == 2 ? out_w.size(0) : 0;
   const int64_t E = 16 / 2;  // T values per 16-byte vector
-  if (H < 1 || KV < 1 || H % KV || D % 2 || D % E || D > kMaxHeadDim || S > kMaxAttnSlots ||
+  if (H < 1 || KV < 1 || H % KV || D % 2 || D % E || D > kMaxHeadDim ||
       dim % 16 || hidden % 16 || (H * D) % 16 || V < 1 || !is_vector(final_norm, dim, T) ||
       cos.scalar_type() != at::kFloat || sin.scalar_type() != at::kFloat || cos.dim() != 2 ||
       cos.size(1) != D / 2 || sin.sizes() != cos.sizes() || !cos.is_contiguous() || !sin.is_contiguous() ||

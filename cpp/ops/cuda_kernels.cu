@@ -41,15 +41,16 @@ constexpr int64_t kEarlyRowsBytes = 96 << 10;  // shared memory for attention's 
 constexpr int64_t kMaxAttnCluster = 16;  // heads attention_linear_kernel takes (one cluster)
 
 // Elements from one early-copied K row to the next: 16 bytes more than a row. The score loop
-// gives each thread a slot and reads its K row 16 bytes at a time, and rows of 128 bytes (bf16,
-// D 64) would put the 8 lanes of a quarter-warp on the same four banks. Measured on the H200
+// gave each thread a slot and read its K row 16 bytes at a time, and rows of 128 bytes (bf16,
+// D 64) put the 8 lanes of a quarter-warp on the same four banks. Measured on the H200
 // (benchmarks/attention_cuda.py, stories110M at position 272): 5.45 -> 4.38 us alone;
-// stories110M bf16 4,079 -> 4,192 tok/s.
+// stories110M bf16 4,079 -> 4,192 tok/s. (The one-pass loop of attend_slots reads a row's
+// chunks with consecutive lanes, which needs no padding; it does no harm either.)
 constexpr int64_t early_k_stride(int64_t D, int64_t element_size) { return D + 16 / element_size; }
 
 // Where attention_decode_kernel's early rows start in its shared memory: after attend's.
-__host__ __device__ constexpr size_t early_rows_offset(int S, int D) {
-  return (attend_smem_bytes(S, D, kAttnThreads) + 15) / 16 * 16;
+__host__ __device__ constexpr size_t early_rows_offset(int D) {
+  return (attend_smem_bytes(D, kAttnThreads) + 15) / 16 * 16;
 }
 
 // act(x) into a GEMV block's shared memory (kWarps warps): RMSNorm of one 16-bit row in one
@@ -649,7 +650,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs
   const int b = blockIdx.y, kvh = blockIdx.x / (a.H / a.KV);
   const int64_t p = __ldcg(a.positions + b);
   T* rows = copy_early_rows<T>(
-      a, b, kvh, p, reinterpret_cast<T*>(reinterpret_cast<char*>(smem) + early_rows_offset(a.S, a.D)));
+      a, b, kvh, p, reinterpret_cast<T*>(reinterpret_cast<char*>(smem) + early_rows_offset(a.D)));
   // This thread's pair of the RoPE row too (the tables never change), so that after the wait
   // the position, q, k and v come in one round trip to L2 and nothing waits on the position.
   EarlyReads early{p, false, 0.f, 0.f};
@@ -823,8 +824,8 @@ bool attention_fits(AttnKernel kind, const at::Tensor& qkv, const at::Tensor& po
                     const at::Tensor& v_cache) {
   const int64_t B = qkv.size(0), T = qkv.size(1), D = k_cache.size(3), S = k_cache.size(2);
   const auto dt = qkv.scalar_type();
-  // What both kernels need; the decode kernel also bounds the head size, the slots (its scores
-  // live in shared memory) and the batch (its grid's y), and reads the cache in 16-byte vectors.
+  // What both kernels need; the decode kernel also bounds the head size and the batch (its
+  // grid's y), and reads the cache in 16-byte vectors.
   const bool common =
       (dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16) && D % 2 == 0 &&
       qkv.is_contiguous() && positions.is_contiguous() && k_cache.is_contiguous() &&
@@ -833,7 +834,7 @@ bool attention_fits(AttnKernel kind, const at::Tensor& qkv, const at::Tensor& po
                 cos->is_contiguous() && sin->is_contiguous()));
   if (kind == AttnKernel::kPrefill) return common && T > 1 && B * T < (int64_t{1} << 31);
   const int64_t E = 16 / qkv.element_size();
-  return common && T == 1 && D % E == 0 && D <= kMaxHeadDim && S <= kMaxAttnSlots && B < 65536 &&
+  return common && T == 1 && D % E == 0 && D <= kMaxHeadDim && B < 65536 &&
          aligned16(k_cache) && aligned16(v_cache);
 }
 
@@ -854,15 +855,15 @@ at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, co
     auto kernel = attention_decode_kernel<CT>;
     static const int max_smem =
         kernel_room(kernel, [](int optin, int fixed) { return optin - fixed; }).smem;
-    // Early K and V rows: as many slots as fit in kEarlyRowsBytes and on the device (none
-    // where attend's own scores take the room: those slots are read from the cache).
+    // Early K and V rows: as many slots as fit in kEarlyRowsBytes and on the device (the
+    // slots past them are read from the cache).
     const int64_t k_stride = early_k_stride(D, qkv.element_size());
     const int64_t slot_bytes = (k_stride + D) * qkv.element_size();
-    const int64_t offset = early_rows_offset(S, D);
+    const int64_t offset = early_rows_offset(D);
     const int64_t room = std::min<int64_t>(kEarlyRowsBytes, max_smem - offset);
     const int early_slots = static_cast<int>(std::clamp<int64_t>(room / slot_bytes, 0, S));
     const size_t smem = early_slots > 0 ? offset + static_cast<size_t>(early_slots) * slot_bytes
-                                        : attend_smem_bytes(S, D, kAttnThreads);
+                                        : attend_smem_bytes(D, kAttnThreads);
     AttnArgs a{qkv.const_data_ptr(), positions.const_data_ptr<int64_t>(),
                cos ? cos->const_data_ptr<float>() : nullptr,
                sin ? sin->const_data_ptr<float>() : nullptr, k_cache.mutable_data_ptr(),
@@ -915,7 +916,7 @@ bool launch_attention_linear(const at::Tensor& qkv, const at::Tensor& positions,
     Layout l;
     l.rows_per_block = (N + clusters * H - 1) / (clusters * H);
     l.clusters = (N + l.rows_per_block * H - 1) / (l.rows_per_block * H);  // none left empty
-    l.y_own = up16(static_cast<int64_t>(attend_smem_bytes(slots, D, kAttnThreads)));
+    l.y_own = up16(static_cast<int64_t>(attend_smem_bytes(D, kAttnThreads)));
     l.y_all = l.y_own + up16(D * 4);
     l.w_rows = l.y_all + up16(K * 4);
     l.w_scales = l.w_rows + up16(l.rows_per_block * K * static_cast<int64_t>(sizeof(W)));
