@@ -556,50 +556,34 @@ __host__ __device__ constexpr size_t attend_smem_bytes(int D, int threads) {
   return static_cast<size_t>(threads / 32) * (D + 2) * sizeof(float);
 }
 
-// One slot's share of the running softmax (max m, sum l) and of the weighted V row (acc): a
-// slot of score s and V values vals joins it. Returns nothing new where s is -inf.
-template <int kE, int kC>
-__device__ __forceinline__ void softmax_join(float& m, float& l, float (&acc)[kC][kE], float om, float ol,
-                                             const float (&oacc)[kC][kE]) {
-  const float mn = fmaxf(m, om);
-  if (mn == -INFINITY) return;  // both empty
-  const float a = __expf(m - mn), b = __expf(om - mn);
-  l = l * a + ol * b;
-#pragma unroll
-  for (int c = 0; c < kC; ++c)
-#pragma unroll
-    for (int e = 0; e < kE; ++e) acc[c][e] = acc[c][e] * a + oacc[c][e] * b;
-  m = mn;
-}
-
 // softmax(q K^T / sqrt(D)) V over n slots (n >= 1) for query q (D floats in shared memory,
 // rotated, synced), by the Block's kThreads threads: slot j's K row at k + j * ks, its V row at
 // v + j * D (shared or global memory). Calls emit(d, value) for each output d (each by one
 // thread). work: attend_smem_bytes.
 //
 // One pass, no block-wide reductions in it (the scores, max and sum each took a block-wide
-// round of shared memory and two syncs): a slot takes L lanes (16-byte chunks of its K and V
-// rows each), a warp 32 / L slots at a time, and each group of lanes keeps a running max, sum
-// and weighted V (online softmax); the groups of a warp then combine by shuffles, and the warps
-// through shared memory after one sync.
-template <typename T, int kThreads, typename Block, typename Emit>
-__device__ void attend_slots(const float* q, const T* k, int ks, const T* v, int64_t n, int D, float* work,
-                             Emit&& emit) {
-  constexpr int E = 16 / sizeof(T);                        // values per 16-byte chunk
-  constexpr int kC = (kMaxHeadDim / E + 31) / 32;          // chunks per lane, at most
-  constexpr int kWarps = kThreads / 32;
+// round of shared memory and two syncs): a slot takes kL lanes (up to two 16-byte chunks of its
+// K and V rows each), a warp 32 / kL slots at a time, and each group of lanes keeps a running
+// max, sum and weighted V (online softmax); the groups of a warp then combine by shuffles, and
+// the warps through shared memory after one sync. kL is a template constant so that the
+// shuffle sums unroll and the rounds' two slots interleave (a loop over a run-time lane count
+// ran them one after the other).
+template <typename T, int kThreads, typename Block, int kL, typename Emit>
+__device__ void attend_slots_lanes(const float* q, const T* k, int ks, const T* v, int64_t n, int D,
+                                   float* work, Emit& emit) {
+  constexpr int E = 16 / sizeof(T);  // values per 16-byte chunk
+  constexpr int kC = 2;              // chunks per lane
+  constexpr int kU = 2;              // slots a group takes per round, their loads in flight together
+  constexpr int kWarps = kThreads / 32, G = 32 / kL;  // G: slots a warp takes at once
   const int vecs = D / E;
-  int L = 1;  // lanes per slot: the chunks of a row, to a power of two, at most a warp
-  while (L < vecs && L < 32) L *= 2;
-  const int G = 32 / L;  // slots a warp takes at once
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / L, c0 = lane % L;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / kL, c0 = lane % kL;
   const float scale = rsqrtf(static_cast<float>(D));
   float qr[kC][E];
 #pragma unroll
   for (int c = 0; c < kC; ++c)
 #pragma unroll
     for (int e = 0; e < E; ++e) {
-      const int d = (c0 + c * L) * E + e;
+      const int d = (c0 + c * kL) * E + e;
       qr[c][e] = d < D ? q[d] * scale : 0.f;
     }
   float m = -INFINITY, l = 0.f, acc[kC][E];
@@ -608,64 +592,94 @@ __device__ void attend_slots(const float* q, const T* k, int ks, const T* v, int
 #pragma unroll
     for (int e = 0; e < E; ++e) acc[c][e] = 0.f;
 
-  // Two slots a group per round (their loads in flight together); every lane of the warp runs
-  // the same rounds, so the shuffles see the whole warp.
+  // Every lane of the warp runs the same rounds, so the shuffles see the whole warp.
   const int64_t step = static_cast<int64_t>(kWarps) * G;
-  for (int64_t j0 = static_cast<int64_t>(warp) * G + g; j0 - g < n; j0 += 2 * step) {
-    float s[2], vals[2][kC][E];
+  for (int64_t j0 = static_cast<int64_t>(warp) * G + g; j0 - g < n; j0 += kU * step) {
+    // The rows' chunks stay raw (16 bytes, 4 registers) until used: as floats, two slots' K
+    // and V rows would hold 64 registers.
+    int4 kr[kU][kC], vr[kU][kC];
+    float s[kU];
 #pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      const int64_t j = j0 + u * step;
-      float kv[kC][E];
+    for (int u = 0; u < kU; ++u)
 #pragma unroll
       for (int c = 0; c < kC; ++c) {
-        const int chunk = c0 + c * L;
-        const bool in = j < n && chunk < vecs;
-        if (in) {
-          load_floats<T, E>(k + j * ks + chunk * E, kv[c]);
-          load_floats<T, E>(v + j * D + chunk * E, vals[u][c]);
-        }
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-          if (!in) kv[c][e] = 0.f, vals[u][c][e] = 0.f;
+        const int64_t j = j0 + u * step;
+        const int chunk = c0 + c * kL;
+        if (j < n && chunk < vecs) {
+          kr[u][c] = *reinterpret_cast<const int4*>(k + j * ks + chunk * E);
+          vr[u][c] = *reinterpret_cast<const int4*>(v + j * D + chunk * E);
+        } else {
+          kr[u][c] = vr[u][c] = make_int4(0, 0, 0, 0);  // zero bits: 0.0 in every T
         }
       }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
       float dot = 0.f;
 #pragma unroll
-      for (int c = 0; c < kC; ++c)
+      for (int c = 0; c < kC; ++c) {
+        const T* kt = reinterpret_cast<const T*>(&kr[u][c]);
 #pragma unroll
-        for (int e = 0; e < E; ++e) dot += qr[c][e] * kv[c][e];
-      for (int off = L / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffff, dot, off);
-      s[u] = j < n ? dot : -INFINITY;
+        for (int e = 0; e < E; ++e) dot += qr[c][e] * to_float(kt[e]);
+      }
+      s[u] = dot;
     }
-    const float mn = fmaxf(m, fmaxf(s[0], s[1]));
+#pragma unroll
+    for (int off = kL / 2; off > 0; off /= 2)
+#pragma unroll
+      for (int u = 0; u < kU; ++u) s[u] += __shfl_xor_sync(0xffffffff, s[u], off);
+    float mn = m;
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      if (j0 + u * step >= n) s[u] = -INFINITY;
+      mn = fmaxf(mn, s[u]);
+    }
     if (mn == -INFINITY) continue;  // no slot for this group this round (uniform in the group)
-    const float a = __expf(m - mn), p0 = __expf(s[0] - mn), p1 = __expf(s[1] - mn);
-    l = l * a + p0 + p1;
+    const float a = __expf(m - mn);
+    l *= a;
 #pragma unroll
     for (int c = 0; c < kC; ++c)
 #pragma unroll
-      for (int e = 0; e < E; ++e) acc[c][e] = acc[c][e] * a + p0 * vals[0][c][e] + p1 * vals[1][c][e];
+      for (int e = 0; e < E; ++e) acc[c][e] *= a;
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const float p = __expf(s[u] - mn);
+      l += p;
+#pragma unroll
+      for (int c = 0; c < kC; ++c) {
+        const T* vt = reinterpret_cast<const T*>(&vr[u][c]);
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[c][e] += p * to_float(vt[e]);
+      }
+    }
     m = mn;
   }
   // The warp's groups, by shuffles.
-  for (int off = L; off < 32; off *= 2) {
+#pragma unroll
+  for (int off = kL; off < 32; off *= 2) {
     const float om = __shfl_xor_sync(0xffffffff, m, off), ol = __shfl_xor_sync(0xffffffff, l, off);
     float oacc[kC][E];
 #pragma unroll
     for (int c = 0; c < kC; ++c)
 #pragma unroll
       for (int e = 0; e < E; ++e) oacc[c][e] = __shfl_xor_sync(0xffffffff, acc[c][e], off);
-    softmax_join<E, kC>(m, l, acc, om, ol, oacc);
+    const float mn = fmaxf(m, om);
+    if (mn == -INFINITY) continue;  // both empty
+    const float a = __expf(m - mn), b = __expf(om - mn);
+    l = l * a + ol * b;
+#pragma unroll
+    for (int c = 0; c < kC; ++c)
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[c][e] = acc[c][e] * a + oacc[c][e] * b;
+    m = mn;
   }
   // The warps, through shared memory: [warp][D values, max, sum].
   float* mine = work + warp * (D + 2);
   if (g == 0) {
 #pragma unroll
     for (int c = 0; c < kC; ++c)
+      if (c0 + c * kL < vecs)
 #pragma unroll
-      for (int e = 0; e < E; ++e)
-        if ((c0 + c * L) < vecs) mine[(c0 + c * L) * E + e] = acc[c][e];
+        for (int e = 0; e < E; ++e) mine[(c0 + c * kL) * E + e] = acc[c][e];
     if (lane == 0) mine[D] = m, mine[D + 1] = l;
   }
   Block::sync();
@@ -682,6 +696,18 @@ __device__ void attend_slots(const float* q, const T* k, int ks, const T* v, int
     }
     emit(d, num / den);
   }
+}
+
+// attend_slots_lanes with the fewest lanes a slot (4 to 32) whose two chunks each cover a row.
+template <typename T, int kThreads, typename Block, typename Emit>
+__device__ void attend_slots(const float* q, const T* k, int ks, const T* v, int64_t n, int D, float* work,
+                             Emit&& emit) {
+  static_assert(kMaxHeadDim * sizeof(T) <= 2 * 32 * 16, "two 16-byte chunks a lane cover a row");
+  const int vecs = D * static_cast<int>(sizeof(T)) / 16;
+  if (vecs <= 8) attend_slots_lanes<T, kThreads, Block, 4>(q, k, ks, v, n, D, work, emit);
+  else if (vecs <= 16) attend_slots_lanes<T, kThreads, Block, 8>(q, k, ks, v, n, D, work, emit);
+  else if (vecs <= 32) attend_slots_lanes<T, kThreads, Block, 16>(q, k, ks, v, n, D, work, emit);
+  else attend_slots_lanes<T, kThreads, Block, 32>(q, k, ks, v, n, D, work, emit);
 }
 
 // Head h of sequence b for one new token, by the Block's kThreads threads: RoPE on q and k, k

@@ -645,7 +645,7 @@ __device__ T* copy_early_rows(const AttnArgs& a, int b, int kvh, int64_t p, T* r
 // sampler (which wrote the position) and attention (which wrote the last slot) included. Any
 // other kernel before this one (cuBLAS, a copy) does not trigger early launches at all.
 template <typename T>
-__global__ void __launch_bounds__(kAttnThreads) attention_decode_kernel(AttnArgs a) {
+__global__ void __launch_bounds__(kAttnThreads, 3) attention_decode_kernel(AttnArgs a) {
   extern __shared__ float smem[];  // see attend_smem_bytes, then the early rows
   const int b = blockIdx.y, kvh = blockIdx.x / (a.H / a.KV);
   const int64_t p = __ldcg(a.positions + b);
