@@ -12,11 +12,15 @@
 //               trips to L2 after the wait, like the embedding's token id and then its row)
 //   gemv        a GEMV shaped like stories110M's QKV (2304 rows of 1,536 bytes): each warp loads
 //               its row before the PDL wait, then reads x (the previous GEMV's output)
-//   gemv+vec G / gemv+cluster C G
-//               a GEMV, then a small kernel of G blocks (plain, or in clusters of C blocks with a
-//               cluster barrier): what a kernel after a register-heavy GEMV costs
+//   gemv+vec G / gemv+vec 100KB G / gemv+cluster C G
+//               a GEMV, then a small kernel of G blocks (plain, plain with 100 KB of shared
+//               memory as attention takes, or in clusters of C blocks with a cluster barrier):
+//               what a kernel after a register-heavy GEMV costs
 // Build: nvcc -O3 -std=c++17 -arch=sm_90a benchmarks/kernel_chain.cu -o kernel_chain
-// Run: ./kernel_chain [--no-pdl]   (tools/gpu_check.sh chain runs both)
+// Run: ./kernel_chain [--no-pdl] [--carveout PERCENT]   (tools/gpu_check.sh chain: with and
+// without PDL). H200, fifteenth session (docs/cuda-decode.md has the table): a link of 132
+// blocks 1.03 us under PDL, a second dependent load +0.13 us, the GEMV 2.84 us; after the GEMV
+// a plain kernel adds 1.07 us, one with 100 KB of shared memory 1.3, one in clusters 1.6-1.9.
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 

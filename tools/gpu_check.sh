@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build babyrt with CUDA, run the CUDA tests, and run the GPU
 # benchmarks. Results land in $OUT (or ./gpu_out).
-# Usage: bash tools/gpu_check.sh [tests|int8|attn|bench|step|variants|ncu|gemv-ncu|profile|seed|sweep|mfu|all]...
+# Usage: bash tools/gpu_check.sh [tests|int8|attn|bench|step|variants|ncu|gemv-ncu|profile|chain|seed|sweep|mfu|all]...
 #   step: the one-kernel decode step on and off per shape, and its per-phase trace; ncu: its
 #   warp stall reasons under Nsight Compute; variants: the opt-in kernel variants (VARIANTS).
 #   gemv-ncu: one int8 GEMV call per shape of INT8_SHAPES under Nsight Compute.
@@ -9,6 +9,8 @@
 #   default and under each setting of ATTN_VARIANTS.
 #   profile: the kernels of a decode step, per shape (benchmarks/cuda_decode_profile.py), with
 #   PDL off so that kernel durations do not overlap (PROFILE_PDL=1: on, for the marginal times).
+#   chain: benchmarks/kernel_chain.cu (what a kernel boundary costs, apart from babyrt's kernels),
+#   with PDL on and off.
 #   sweep: tools/seed_sweep.py over the specs in $SWEEP_FILE (one NAME:PRESET:JSON per line), all
 #   at once on the GPU, while the tests run (int8 runs before it, bench after it).
 set -uo pipefail
@@ -134,6 +136,11 @@ if [[ $what == *profile* ]]; then
   done
   BABYRT_GRAPH_STEPS=1 python3 "$repo/benchmarks/cuda_decode_profile.py" --shape stories15M --top 0 \
     2>&1 | grep -v Warning | sed 's/^/one graph per token: /'
+fi
+if [[ $what == *chain* ]]; then
+  nvcc -O3 -std=c++17 -arch=sm_90a "$repo/benchmarks/kernel_chain.cu" -o "$OUT/kernel_chain" &&
+    "$OUT/kernel_chain" | tee "$OUT/kernel_chain.txt" && "$OUT/kernel_chain" --no-pdl | tee -a "$OUT/kernel_chain.txt"
+  rm -f "$OUT/kernel_chain"
 fi
 if [[ $what == *seed* || $what == all ]]; then
   # The seed table, every model at once on the one GPU (each is far too small to fill it).
