@@ -11,11 +11,16 @@ the wall time; run with BABYRT_PDL=0 for durations alone. The second table holds
 a kernel's marginal time is what it adds to the step, its end less the later of the previous
 kernel's end (in start order) and its own start; its head start is how long before the previous
 kernel's end it started, and its gap how long after (idle time, e.g. between graph replays).
+The third table splits the marginal times by role: a kernel by its short name (a GEMV with its
+fused activation) and the kernel before it, so that a layer's GEMVs come apart (QKV: rmsnorm
+after the embedding or a swiglu GEMV; wo: none after attention; w13: rmsnorm after none; w2:
+swiglu after rmsnorm).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 import time
 from collections import defaultdict
@@ -55,7 +60,7 @@ def profile(shape: str, quantize: bool, new_tokens: int, top: int) -> dict:
             k = kernels[e.name[:90]]
             k[0] += 1
             k[1] += e.device_time_total
-    marginal = marginal_costs(prof)
+    marginal, by_role = marginal_costs(prof)
     busy = sum(v[1] for v in kernels.values())
     count = sum(v[0] for v in kernels.values())
     rows = sorted(kernels.items(), key=lambda kv: -kv[1][1])
@@ -72,31 +77,51 @@ def profile(shape: str, quantize: bool, new_tokens: int, top: int) -> dict:
     for name, (n, add, head, gap) in sorted(marginal.items(), key=lambda kv: -kv[1][1])[:top]:
         print(f"| {name} | {n / steps:.2f} | {add / steps:.2f} | {add / n:.2f} | {head / n:.2f} | "
               f"{gap / steps:.2f} |")
+    print("\n| kernel, after kernel | per step | marginal us/step | marginal us each | head start us each |")
+    print("|---|---|---|---|---|")
+    for name, (n, add, head, _) in sorted(by_role.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"| {name} | {n / steps:.2f} | {add / steps:.2f} | {add / n:.2f} | {head / n:.2f} |")
     return {"shape": shape, "int8": quantize, "tok_s": stats["decode_steps"] / stats["decode_seconds"],
             "us_per_step": step_us, "kernels_per_step": count / steps,
             "busy_us_per_step": busy / steps,
             "kernels": [{"name": k, "count": n, "us": us} for k, (n, us) in rows],
             "marginal": [{"name": k, "count": n, "us": add, "head_start_us": head, "gap_us": gap}
-                         for k, (n, add, head, gap) in marginal.items()]}
+                         for k, (n, add, head, gap) in marginal.items()],
+            "marginal_by_role": [{"name": k, "count": n, "us": add, "head_start_us": head}
+                                 for k, (n, add, head, _) in by_role.items()]}
 
 
-def marginal_costs(prof) -> dict:
-    """Per kernel name: [count, sum of marginal us, of head-start us, of gap us] over the
-    kernels of the profile in start order (one stream at a time: a step's kernels run in order)."""
+ACTS = {"0": "none", "1": "rmsnorm", "2": "swiglu"}
+
+
+def short_name(name: str) -> str:
+    """babyrt's kernel name without namespaces and types; a GEMV with its fused activation."""
+    m = re.search(r"(\w+_kernel)\b", name)
+    if not m:
+        return name[:40]
+    act = re.search(r"Act\)(\d)", name)
+    return f"{m.group(1)} {ACTS.get(act.group(1), act.group(1))}" if act else m.group(1)
+
+
+def marginal_costs(prof) -> tuple[dict, dict]:
+    """Per kernel name, and per (short name, short name of the kernel before): [count, sum of
+    marginal us, of head-start us, of gap us] over the kernels of the profile in start order
+    (one stream at a time: a step's kernels run in order)."""
     by_stream = defaultdict(list)
     for e in prof.profiler.kineto_results.events():
         if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0:
-            by_stream[e.device_resource_id()].append((e.start_ns(), e.end_ns(), e.name()[:90]))
+            by_stream[e.device_resource_id()].append((e.start_ns(), e.end_ns(), e.name()))
     out = defaultdict(lambda: [0, 0.0, 0.0, 0.0])
+    by_role = defaultdict(lambda: [0, 0.0, 0.0, 0.0])
     for events in by_stream.values():
         events.sort()
-        for (_, prev_end, _), (start, end, name) in zip(events, events[1:]):
-            k = out[name]
-            k[0] += 1
-            k[1] += max(0, end - max(prev_end, start)) / 1e3
-            k[2] += max(0, prev_end - start) / 1e3
-            k[3] += max(0, start - prev_end) / 1e3
-    return out
+        for (_, prev_end, prev), (start, end, name) in zip(events, events[1:]):
+            for k in (out[name[:90]], by_role[f"{short_name(name)}, after {short_name(prev)}"]):
+                k[0] += 1
+                k[1] += max(0, end - max(prev_end, start)) / 1e3
+                k[2] += max(0, prev_end - start) / 1e3
+                k[3] += max(0, start - prev_end) / 1e3
+    return out, by_role
 
 
 def main() -> None:
