@@ -644,6 +644,10 @@ __device__ T* copy_early_rows(const AttnArgs& a, int b, int kvh, int64_t p, T* r
 // after its own wait: by then every kernel before that GEMV has finished, the previous step's
 // sampler (which wrote the position) and attention (which wrote the last slot) included. Any
 // other kernel before this one (cuBLAS, a copy) does not trigger early launches at all.
+//
+// At most 80 registers (3 blocks an SM in the bounds; no spills), as many as the kernel held
+// before the one-pass attend_slots, which takes 104 unbounded: a block of 256 threads then
+// still fits beside two of a bf16 GEMV's blocks. (Measured with the bound only.)
 template <typename T>
 __global__ void __launch_bounds__(kAttnThreads, 3) attention_decode_kernel(AttnArgs a) {
   extern __shared__ float smem[];  // see attend_smem_bytes, then the early rows
@@ -855,8 +859,8 @@ at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, co
     auto kernel = attention_decode_kernel<CT>;
     static const int max_smem =
         kernel_room(kernel, [](int optin, int fixed) { return optin - fixed; }).smem;
-    // Early K and V rows: as many slots as fit in kEarlyRowsBytes and on the device (the
-    // slots past them are read from the cache).
+    // Early K and V rows: as many slots as fit in kEarlyRowsBytes and on the device (at a
+    // position past them, attend reads every slot from the cache).
     const int64_t k_stride = early_k_stride(D, qkv.element_size());
     const int64_t slot_bytes = (k_stride + D) * qkv.element_size();
     const int64_t offset = early_rows_offset(D);
