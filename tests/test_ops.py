@@ -284,6 +284,34 @@ def test_attention_block_equals_its_parts(device, dtype, H, KV, D, weights):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("weights", ["float", "int8", "int8-g32-bf16"])
+@pytest.mark.parametrize("T", [1, 5])
+def test_ffn_block_equals_its_parts(device, dtype, weights, T):
+    """ffn_block(x) equals swiglu_linear(rmsnorm_linear(x), w2, residual=x), exactly, the same
+    bits every call, at decode (T 1) and over several tokens; its shapes are checked."""
+    torch.manual_seed(T)
+    B, dim, hidden = 3, 128, 352
+    x = torch.randn(B, T, dim, device=device, dtype=dtype)
+    norm = (1 + 0.1 * torch.randn(dim)).to(device=device, dtype=dtype)
+    w13, s13 = weight_as(torch.randn(2 * hidden, dim) * dim ** -0.5, weights, device, dtype)
+    w2, s2 = weight_as(torch.randn(dim, hidden) * hidden ** -0.5, weights, device, dtype)
+    got = ops.ffn_block(x, norm, 1e-5, w13, s13, w2, s2)
+    want = ops.swiglu_linear(ops.rmsnorm_linear(x, norm, 1e-5, w13, s13), w2, s2, x)
+    assert got.dtype == dtype and got.shape == (B, T, dim)
+    assert torch.equal(got, want)
+    assert torch.equal(ops.ffn_block(x, norm, 1e-5, w13, s13, w2, s2), got)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        ops.ffn_block(x, norm, 1e-5, w13[:, 1:], None, w2, s2)
+    with pytest.raises(RuntimeError, match="an even count"):
+        ops.ffn_block(x, norm, 1e-5, w13[1:], s13[1:] if s13 is not None else None, w2, s2)
+    with pytest.raises(RuntimeError, match="does not fit"):  # w2's input is not w13's hidden
+        ops.ffn_block(x, norm, 1e-5, w13[2:], s13[2:] if s13 is not None else None, w2, s2)
+    with pytest.raises(RuntimeError, match="residual"):  # w2's output is not x's width
+        ops.ffn_block(x, norm, 1e-5, w13, s13, w2[1:], s2[1:] if s2 is not None else None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weights", ["float", "int8", "int8-g32-bf16"])
 def test_embedding(device, dtype, weights):
     """Rows of the table (dequantized: int8 times its group scale, in fp32), as dtype."""
     torch.manual_seed(2)

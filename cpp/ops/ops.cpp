@@ -72,6 +72,15 @@ at::Tensor call_rmsnorm_linear(const at::Tensor& x, const at::Tensor& norm_weigh
   return op.call(x, norm_weight, eps, w, scales, std::nullopt);
 }
 
+at::Tensor call_swiglu_linear(const at::Tensor& gate_up, const at::Tensor& w, const OptTensor& scales,
+                              const OptTensor& residual) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("babyrt::swiglu_linear", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                         const OptTensor&)>();
+  return op.call(gate_up, w, scales, residual);
+}
+
 at::Tensor call_attention_linear(const at::Tensor& qkv, const at::Tensor& positions,
                                  const OptTensor& cos, const OptTensor& sin, at::Tensor& k_cache,
                                  at::Tensor& v_cache, int64_t H, int64_t KV, const at::Tensor& w,
@@ -200,6 +209,27 @@ at::Tensor attention_block_unfused(const at::Tensor& x, const at::Tensor& norm_w
                         KV, wo, wo_scales);
   return call_attention_linear(call_rmsnorm_linear(x, norm_weight, eps, wqkv, qkv_scales), positions,
                                cos, sin, k_cache, v_cache, H, KV, wo, wo_scales, x);
+}
+
+void check_ffn_block(const at::Tensor& x, const at::Tensor& norm_weight, const at::Tensor& w13,
+                     const OptTensor& w13_scales, const at::Tensor& w2, const OptTensor& w2_scales) {
+  check_norm(x, norm_weight);
+  check_linear(x, w13, w13_scales, std::nullopt);
+  BABYRT_CHECK(w13.size(0) % 2 == 0, "ffn_block: w13 must stack gate and up rows (an even count), got ",
+               w13.sizes());
+  // SwiGLU of the w13 projection, [..., hidden], is the w2 linear's x: its shape and dtype only;
+  // x is the residual.
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = w13.size(0) / 2;
+  check_linear(at::empty(shape, x.options().device(at::kMeta)), w2, w2_scales, x);
+}
+
+// The composition of the two ops (each takes its device's kernels).
+at::Tensor ffn_block_unfused(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
+                             const at::Tensor& w13, const OptTensor& w13_scales, const at::Tensor& w2,
+                             const OptTensor& w2_scales) {
+  check_ffn_block(x, norm_weight, w13, w13_scales, w2, w2_scales);
+  return call_swiglu_linear(call_rmsnorm_linear(x, norm_weight, eps, w13, w13_scales), w2, w2_scales, x);
 }
 
 at::Tensor attention_reference(const at::Tensor& qkv, const at::Tensor& positions,
@@ -468,6 +498,8 @@ TORCH_LIBRARY(babyrt, m) {
   m.def("attention_block(Tensor x, Tensor norm_weight, float eps, Tensor wqkv, Tensor? qkv_scales, "
         "Tensor positions, Tensor? rope_cos, Tensor? rope_sin, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, int n_heads, int n_kv_heads, Tensor wo, Tensor? wo_scales) -> Tensor");
+  m.def("ffn_block(Tensor x, Tensor norm_weight, float eps, Tensor w13, Tensor? w13_scales, "
+        "Tensor w2, Tensor? w2_scales) -> Tensor");
   m.def("embedding(Tensor tokens, Tensor weight, Tensor? scales, ScalarType dtype) -> Tensor");
   m.def("dequantize(Tensor weight, Tensor scales) -> Tensor");
   m.def("greedy_advance(Tensor logits, Tensor(a!) token, Tensor(b!) position, "
@@ -486,6 +518,7 @@ TORCH_LIBRARY_IMPL(babyrt, CompositeExplicitAutograd, m) {
   m.impl("attention", attention_reference);
   m.impl("attention_linear", attention_linear_unfused);
   m.impl("attention_block", attention_block_unfused);
+  m.impl("ffn_block", ffn_block_unfused);
   m.impl("embedding", embedding_reference);
   m.impl("dequantize", dequantize);
   m.impl("greedy_advance", greedy_advance_reference);

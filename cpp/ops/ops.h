@@ -21,6 +21,11 @@
 //        wo, wo_scales, residual=x): a layer's whole attention half, one op so that a device can
 //        fuse across it (every device runs the two ops: a CUDA kernel of the QKV GEMV and
 //        attention was slower, docs/cuda-decode.md)
+//   ffn_block(x, norm_weight, eps, w13, w13_scales?, w2, w2_scales?)
+//        swiglu_linear(rmsnorm_linear(x, norm_weight, eps, w13, w13_scales), w2, w2_scales,
+//        residual=x): a layer's feed-forward half, one op so that a device can compute SwiGLU
+//        once where the w2 GEMV's blocks each recompute it (every device runs the two ops for
+//        now; docs/cuda-decode.md)
 //   embedding(tokens, weight, scales?, dtype)          rows of W (dequantized), as dtype
 //   dequantize(weight, scales)                          int8 W times its group scales, fp32
 //   greedy_advance(logits, token!, position!, history!)  a greedy decode step's bookkeeping:
@@ -79,6 +84,8 @@ void check_attention_block(const at::Tensor& x, const at::Tensor& norm_weight, c
                            const OptTensor& qkv_scales, const at::Tensor& positions, const OptTensor& cos,
                            const OptTensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            int64_t H, int64_t KV, const at::Tensor& wo, const OptTensor& wo_scales);
+void check_ffn_block(const at::Tensor& x, const at::Tensor& norm_weight, const at::Tensor& w13,
+                     const OptTensor& w13_scales, const at::Tensor& w2, const OptTensor& w2_scales);
 void check_greedy_advance(const at::Tensor& logits, const at::Tensor& token,
                           const at::Tensor& position, const at::Tensor& history);
 

@@ -1,13 +1,14 @@
 """The exported form of a LLaMA: the same network as training/models/llama.py, written with
-babyrt's fused ops (cpp/ops) so that a decode step is 3 op calls per layer instead of ~30:
+babyrt's fused ops (cpp/ops) so that a decode step is 2 op calls per layer instead of ~30:
 
     x   = attention_block(x, attention_norm, Wqkv, positions, rope, k/v cache, Wo)
             # = attention_linear(rmsnorm_linear(x, attention_norm, Wqkv), positions, rope,
             #                    k/v cache, Wo, residual=x): q, k, v in one GEMV; RoPE, cache
             #   write and attention; Wo (CUDA: three kernels, or two with
             #   BABYRT_ATTN_LINEAR=1)
-    h   = rmsnorm_linear(x, ffn_norm, W13)                  # gate and up in one GEMV
-    x   = swiglu_linear(h, W2, residual=x)
+    x   = ffn_block(x, ffn_norm, W13, W2)
+            # = swiglu_linear(rmsnorm_linear(x, ffn_norm, W13), W2, residual=x): gate and up
+            #   in one GEMV, then SwiGLU and W2 (CUDA: two kernels)
 
 On CUDA, a decode step of one sequence first offers itself to decode_step, the whole step as
 one kernel (cpp/ops/cuda_decode_step.cu; opt-in with BABYRT_DECODE_STEP=1, not yet faster);
@@ -15,8 +16,8 @@ where that declines, the layers run op by op as above.
 
 Weights are float, or int8 with scales (quantize.py). The artifact's calling convention is
 unchanged (docs/artifact-format.md); the parity tests hold it to the training model. Artifacts
-exported before attention_block (rmsnorm_linear then attention_linear, or attention then linear)
-still load: every op they call stays.
+exported before attention_block and ffn_block (rmsnorm_linear then attention_linear, or
+attention then linear; rmsnorm_linear then swiglu_linear) still load: every op they call stays.
 """
 from __future__ import annotations
 
@@ -55,9 +56,8 @@ class FusedBlock(nn.Module):
                                              self.wqkv.scales, positions, cos, sin, k_cache,
                                              v_cache, self.n_heads, self.n_kv_heads,
                                              self.wo.weight, self.wo.scales)
-        h = torch.ops.babyrt.rmsnorm_linear(x, self.ffn_norm, self.eps, self.w13.weight,
-                                            self.w13.scales)
-        return torch.ops.babyrt.swiglu_linear(h, self.w2.weight, self.w2.scales, x)
+        return torch.ops.babyrt.ffn_block(x, self.ffn_norm, self.eps, self.w13.weight,
+                                          self.w13.scales, self.w2.weight, self.w2.scales)
 
 
 class FusedLlama(nn.Module):
