@@ -181,6 +181,10 @@ struct GemvArgs {
   int ring_slots;        // gemv_stream_kernel: pieces of W its shared-memory ring holds
   int row_lanes;         // lanes per row (gemv_kernel 32 to 4, gemv_stream_kernel 32 to 8; a warp takes 32 / it rows)
   bool y_float;          // y is fp32: the T result widened (the reference's cast)
+  // gemv_kernel only: 0, or hidden where W stacks gate rows [0, hidden) on up rows [hidden,
+  // 2 hidden) and y is [M, hidden] of silu(gate) * up (ffn_block). The kernel then takes the
+  // rows in the order gate 0, up 0, gate 1, up 1, ... so that a pair shares a warp's group.
+  int pair_half = 0;
 };
 
 // Shared memory the GEMV stages act(x) in: as T for float weights; as int8 with one fp32 scale
@@ -527,6 +531,16 @@ bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
 }
 
+
+// ffn_block's w13 GEMV: silu(gate) * up of row j of x's m-th row, from the two dot products,
+// rounded as the references round (rmsnorm_linear's output in T, then swiglu_linear's
+// staging), into y [M, a.pair_half].
+template <typename T>
+__device__ __forceinline__ void store_swiglu(const GemvArgs& a, int m, int j, float gate, float up) {
+  const float g = round_to<T>(gate), u = round_to<T>(up);
+  static_cast<T*>(a.y)[static_cast<int64_t>(m) * a.pair_half + j] =
+      from_float<T>(round_to<T>(round_to<T>(g / (1.f + __expf(-g))) * u));
+}
 
 // ------------------------------------------------------------------ attention at decode
 struct AttnArgs {

@@ -79,7 +79,10 @@ __device__ __forceinline__ void stage_block(const GemvArgs& a, unsigned char* sm
 //
 // kB: chunks a lane holds at once (kBatch, or more for long int8 rows: see launch_gemv).
 // kRowScale: int8 weights with one scale a row (per channel): one scale load a batch, not kB.
-template <typename T, typename W, typename S, Act kAct, int kB = kBatch, bool kRowScale = false>
+// kPair: ffn_block's w13 (GemvArgs::pair_half), a template flag so that the other instances
+// keep their registers (as a run-time branch it gave them up to 112 bytes of stack).
+template <typename T, typename W, typename S, Act kAct, int kB = kBatch, bool kRowScale = false,
+          bool kPair = false>
 __global__ void __launch_bounds__(kWarps * 32, kB <= kLongRowBatch ? 3 : 2) gemv_kernel(GemvArgs a) {
   extern __shared__ int4 staged[];  // act(x), see gemv_smem_bytes
   unsigned char* smem = reinterpret_cast<unsigned char*>(staged);
@@ -95,10 +98,10 @@ __global__ void __launch_bounds__(kWarps * 32, kB <= kLongRowBatch ? 3 : 2) gemv
   int4 wv[kB];
   float sv[kRowScale ? 1 : kB];
   auto load_batch = [&](int n, int c0) {
-    const int4* row = reinterpret_cast<const int4*>(static_cast<const W*>(a.w) +
-                                                    static_cast<int64_t>(n) * a.K);
-    const S* srow = kQ8 ? static_cast<const S*>(a.scales) +
-                              static_cast<int64_t>(n) * (a.K / a.group) : nullptr;
+    // W's row for the n-th row taken: n itself, or in pairs (gate n / 2, up n / 2).
+    const int64_t w_row = kPair ? (n >> 1) + static_cast<int64_t>(n & 1) * a.pair_half : n;
+    const int4* row = reinterpret_cast<const int4*>(static_cast<const W*>(a.w) + w_row * a.K);
+    const S* srow = kQ8 ? static_cast<const S*>(a.scales) + w_row * (a.K / a.group) : nullptr;
 #pragma unroll
     for (int u = 0; u < kB; ++u) {
       const int c = c0 + u * L;
@@ -145,7 +148,12 @@ __global__ void __launch_bounds__(kWarps * 32, kB <= kLongRowBatch ? 3 : 2) gemv
       if (m >= a.M) break;
       float v = acc[m];
       for (int off = L / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffff, v, off);
-      if (col == 0 && n < a.N) store_output<T>(a, m, n, v, early_res && r == 0, res0);
+      if constexpr (kPair) {  // an even row is a gate, the next lanes' row its up
+        const float up = __shfl_down_sync(0xffffffff, v, L);
+        if (col == 0 && (sub & 1) == 0 && n < a.N) store_swiglu<T>(a, m, n >> 1, v, up);
+      } else if (col == 0 && n < a.N) {
+        store_output<T>(a, m, n, v, early_res && r == 0, res0);
+      }
     }
   }
 }
@@ -441,9 +449,9 @@ bool launch_gemv_rowbuf(GemvArgs a) {
 // Launches one GEMV instance over a grid sized to what fits on the device at once, so that
 // act(x) is staged once per resident block and every warp takes the same number of rows.
 // one_round: only where every warp then has a single group of rows (else false, nothing run).
-template <typename T, typename W, typename S, Act kAct, int kB, bool kRowScale = false>
+template <typename T, typename W, typename S, Act kAct, int kB, bool kRowScale = false, bool kPair = false>
 bool launch_gemv_grid(GemvArgs a, bool one_round) {
-  auto kernel = gemv_kernel<T, W, S, kAct, kB, kRowScale>;
+  auto kernel = gemv_kernel<T, W, S, kAct, kB, kRowScale, kPair>;
   const size_t smem = gemv_smem_bytes<T, W>(a.M, a.K);
   // The dynamic shared memory a block may take: the device's opt-in limit less the kernel's
   // static shared memory (set once per kernel; the default limit is 48 KB).
@@ -462,6 +470,7 @@ bool launch_gemv_grid(GemvArgs a, bool one_round) {
   a.row_lanes = 32;
   while (a.row_lanes > 4 && rows_per_warp(a.row_lanes) > 1 && chunks <= (a.row_lanes / 2) * kB)
     a.row_lanes /= 2;
+  if (kPair && a.row_lanes > 16) a.row_lanes = 16;  // a group of rows holds a whole pair
   a.rows_per_warp = static_cast<int>(rows_per_warp(a.row_lanes));
   if (one_round && a.rows_per_warp > 1) return false;
   if constexpr (sizeof(W) == 1 && !kRowScale && kB == kBatch) {
@@ -469,7 +478,7 @@ bool launch_gemv_grid(GemvArgs a, bool one_round) {
     // batch, not kB (H200: 2048x5632 5.30 -> 4.96 us, 11264x2048 7.74 -> 7.42). Rows of one
     // round trip were 3-4% slower with it (5632x2048 4.15 -> 4.28 us), so they keep a scale a chunk.
     if (a.group == a.K && (a.rows_per_warp > 1 || chunks > a.row_lanes * kB))
-      return launch_gemv_grid<T, W, S, kAct, kB, true>(a, one_round);
+      return launch_gemv_grid<T, W, S, kAct, kB, true, kPair>(a, one_round);
   }
   const int64_t blocks = (row_groups(a.row_lanes) + a.rows_per_warp - 1) / a.rows_per_warp;
   launch(kernel, dim3(blocks), dim3(kWarps * 32), smem, a);
@@ -487,6 +496,10 @@ bool launch_gemv(GemvArgs a) {
   static const bool stream = env_is("BABYRT_GEMV", "stream");
   static const bool wide = env_is("BABYRT_GEMV", "wide");
   static const bool regs = env_is("BABYRT_GEMV", "regs");
+  if (a.pair_half) {  // pairs: gemv_kernel only, RMSNorm only (try_gemv checks)
+    if constexpr (kAct == Act::kRmsNorm) return launch_gemv_grid<T, W, S, kAct, kBatch, false, true>(a, false);
+    return false;
+  }
   if constexpr (sizeof(W) == 1) {
     // int8 weights only: with float weights (twice the chunks a row) the consumers' math did
     // not keep up (H200: bf16 2048x5632 9.35 vs gemv_kernel's 7.97 us).
@@ -512,9 +525,12 @@ bool launch_gemv(GemvArgs a) {
 
 // Runs the GEMV kernel when it covers the call; false otherwise (the caller falls back).
 // x: [M, K] (or [M, 2K] for SwiGLU), contiguous.
+// pair_half (ffn_block's w13, RMSNorm only): hidden, where W stacks gate on up rows and y is
+// [M, hidden] of silu(gate) * up (GemvArgs::pair_half).
 bool try_gemv(Act act, const at::Tensor& x, const at::Tensor& w, const OptTensor& scales,
-              const at::Tensor* norm, double eps, const OptTensor& residual, at::Tensor& y) {
-  const int64_t K = w.size(1), N = w.size(0);
+              const at::Tensor* norm, double eps, const OptTensor& residual, at::Tensor& y,
+              int64_t pair_half = 0) {
+  const int64_t K = w.size(1), N = w.size(0), y_cols = pair_half ? pair_half : N;
   const int64_t M = x.numel() / x.size(-1);
   if (M < 1 || M > kMaxGemvRows || N == 0 || K == 0 || K >= (int64_t{1} << 30) ||
       N >= (int64_t{1} << 30) || !x.is_contiguous() || !w.is_contiguous() || !aligned16(x) ||
@@ -537,6 +553,8 @@ bool try_gemv(Act act, const at::Tensor& x, const at::Tensor& w, const OptTensor
   if (K % 16) return false;
   if (norm && (norm->scalar_type() != T || !norm->is_contiguous() || !aligned16(*norm))) return false;
   if (residual && (!residual->is_contiguous() || residual->scalar_type() != T)) return false;
+  if (pair_half && (act != Act::kRmsNorm || residual || 2 * pair_half != N || y.scalar_type() != T))
+    return false;
 
   const c10::cuda::CUDAGuard guard(x.device());
   bool launched = false;
@@ -550,10 +568,10 @@ bool try_gemv(Act act, const at::Tensor& x, const at::Tensor& w, const OptTensor
         norm ? norm->const_data_ptr() : nullptr,
         residual ? static_cast<const char*>(residual->const_data_ptr()) + m0 * N * residual->element_size()
                  : nullptr,
-        static_cast<char*>(y.mutable_data_ptr()) + m0 * N * y.element_size(),
+        static_cast<char*>(y.mutable_data_ptr()) + m0 * y_cols * y.element_size(),
         static_cast<float>(eps), static_cast<int>(rows), static_cast<int>(N),
         static_cast<int>(K), static_cast<int>(group), 1, 0, 32,
-        y.scalar_type() == at::kFloat && T != at::kFloat};
+        y.scalar_type() == at::kFloat && T != at::kFloat, static_cast<int>(pair_half)};
     dispatch_float(T, [&](auto ttag) {
       using CT = decltype(ttag);
       auto run = [&](auto wtag, auto stag) {
@@ -609,6 +627,28 @@ at::Tensor swiglu_linear_cuda(const at::Tensor& gate_up, const at::Tensor& w,
       try_gemv(Act::kSwiGlu, gate_up, w, scales, nullptr, 0, residual, y))
     return y;
   return swiglu_linear_reference(gate_up, w, scales, residual);
+}
+
+// ffn_block. Opt-in (BABYRT_FFN_FUSED=1; written in the fifteenth session, not yet measured):
+// the w13 GEMV computes each gate and up row in the same warp and writes silu(gate) * up, so
+// that the w2 GEMV stages a plain row of x. By default (and where the kernels do not cover the
+// call) the two ops, whose w2 GEMV computes SwiGLU over the whole hidden vector in every block
+// (docs/cuda-decode.md, "Fifteenth session": 1B's w2 costs 5.5-6.4 us above its bytes).
+at::Tensor ffn_block_cuda(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
+                          const at::Tensor& w13, const OptTensor& w13_scales, const at::Tensor& w2,
+                          const OptTensor& w2_scales) {
+  check_ffn_block(x, norm_weight, w13, w13_scales, w2, w2_scales);
+  static const bool fused = env_is("BABYRT_FFN_FUSED", "1");
+  const int64_t hidden = w13.size(0) / 2;
+  if (fused && x.numel() && x.numel() / x.size(-1) <= kMaxRows) {
+    at::Tensor h = new_output(x, hidden);
+    if (try_gemv(Act::kRmsNorm, x, w13, w13_scales, &norm_weight, eps, std::nullopt, h, hidden)) {
+      at::Tensor y = new_output(x, w2.size(0));
+      if (try_gemv(Act::kNone, h, w2, w2_scales, nullptr, 0, x, y)) return y;
+      return linear_reference(h, w2, w2_scales, x);
+    }
+  }
+  return ffn_block_unfused(x, norm_weight, eps, w13, w13_scales, w2, w2_scales);
 }
 
 // ------------------------------------------------------------------ attention at decode
@@ -1166,6 +1206,7 @@ TORCH_LIBRARY_IMPL(babyrt, CUDA, m) {
   m.impl("swiglu_linear", swiglu_linear_cuda);
   m.impl("attention", attention_cuda);
   m.impl("attention_linear", attention_linear_cuda);
+  m.impl("ffn_block", ffn_block_cuda);
   m.impl("greedy_advance", greedy_advance_cuda);
   m.impl("embedding", embedding_cuda);
 }
