@@ -115,17 +115,22 @@ def test_cuda_gemv_variant(variant):
     assert r.returncode == 0, r.stdout[-3000:]
 
 
+def assert_passes_under(env: dict, op_tests: str):
+    """The op tests of this file that op_tests selects, then the CUDA generation tests (greedy
+    parity with the CPU, batches, graphs), in subprocesses with env set (an opt-in kernel)."""
+    for path, select in ((Path(__file__), op_tests),
+                         (Path(__file__).with_name("test_cuda.py"), "greedy or batch or graph")):
+        r = run_tests_under(env, path, select)
+        assert r.returncode == 0, r.stdout[-3000:]
+
+
 @NEEDS_CUDA
 def test_cuda_attention_linear_kernel():
     """BABYRT_ATTN_LINEAR=1 (opt-in): attention_linear as one CUDA kernel passes the op tests,
     and the CUDA generation tests (greedy parity with the CPU, batches, graphs) run through it."""
     if os.environ.get("BABYRT_ATTN_LINEAR"):
         pytest.skip("already running the kernel")
-    r = run_tests_under({"BABYRT_ATTN_LINEAR": "1"}, __file__, "attention_linear and not kernel")
-    assert r.returncode == 0, r.stdout[-3000:]
-    r = run_tests_under({"BABYRT_ATTN_LINEAR": "1"}, Path(__file__).with_name("test_cuda.py"),
-                        "greedy or batch or graph")
-    assert r.returncode == 0, r.stdout[-3000:]
+    assert_passes_under({"BABYRT_ATTN_LINEAR": "1"}, "attention_linear and not kernel")
 
 
 @NEEDS_CUDA
@@ -135,11 +140,7 @@ def test_cuda_ffn_block_kernel():
     through it."""
     if os.environ.get("BABYRT_FFN_FUSED"):
         pytest.skip("already running the kernel")
-    r = run_tests_under({"BABYRT_FFN_FUSED": "1"}, __file__, "ffn_block and not kernel")
-    assert r.returncode == 0, r.stdout[-3000:]
-    r = run_tests_under({"BABYRT_FFN_FUSED": "1"}, Path(__file__).with_name("test_cuda.py"),
-                        "greedy or batch or graph")
-    assert r.returncode == 0, r.stdout[-3000:]
+    assert_passes_under({"BABYRT_FFN_FUSED": "1"}, "ffn_block and not kernel")
 
 
 def test_quantize_error_is_within_half_a_step():
