@@ -24,9 +24,9 @@
 //   ffn_block(x, norm_weight, eps, w13, w13_scales?, w2, w2_scales?)
 //        swiglu_linear(rmsnorm_linear(x, norm_weight, eps, w13, w13_scales), w2, w2_scales,
 //        residual=x): a layer's feed-forward half, one op so that a device can compute SwiGLU
-//        once where the w2 GEMV's blocks each recompute it (every device runs the two ops by
-//        default; CUDA with BABYRT_FFN_FUSED=1 computes it in the w13 GEMV: opt-in, not yet
-//        measured; docs/cuda-decode.md)
+//        once where the w2 GEMV's blocks would each recompute it (CUDA computes it in the w13
+//        GEMV's epilogue, BABYRT_FFN_FUSED=0 runs the two ops; other devices run the two ops;
+//        docs/cuda-decode.md)
 //   embedding(tokens, weight, scales?, dtype)          rows of W (dequantized), as dtype
 //   dequantize(weight, scales)                          int8 W times its group scales, fp32
 //   greedy_advance(logits, token!, position!, history!)  a greedy decode step's bookkeeping:
