@@ -360,6 +360,11 @@ bool launch_gemv_stream(GemvArgs& a) {
 // 1,422 -> 1,434-1,440. Over bf16 rows (twice the bytes) it was slower on all but stories15M
 // (stories110M 4,123 -> 3,410 tok/s, 2304x768 2.15 -> 2.76 us), so float weights stay on
 // gemv_kernel. BABYRT_GEMV=regs turns it off.
+//
+// kPair: ffn_block's w13 (GemvArgs::pair_half; at an even number of rows a warp, so that a warp
+// holds whole pairs of gate and up rows, and writes silu(gate) * up). On gemv_kernel, which the
+// pairs took at first, 1B int8's w13 cost 10.4 us a layer against 8.3 for the row-buffer
+// rmsnorm_linear before it (the by-role profile, H200).
 constexpr int kRowbufMaxRows = 4;  // rows a warp takes at most
 
 // Where the warps' row buffers start in the dynamic shared memory: after act(x).
@@ -368,7 +373,7 @@ __host__ __device__ constexpr size_t rowbuf_offset(int K) {
   return (gemv_smem_bytes<T, int8_t>(1, K) + 127) / 128 * 128;
 }
 
-template <typename T, typename S, Act kAct>
+template <typename T, typename S, Act kAct, bool kPair = false>
 __global__ void __launch_bounds__(kWarps * 32, 4) gemv_rowbuf_kernel(GemvArgs a) {
   extern __shared__ int4 staged[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(staged);
@@ -379,25 +384,35 @@ __global__ void __launch_bounds__(kWarps * 32, 4) gemv_rowbuf_kernel(GemvArgs a)
   // The warp's rows and scales before waiting: no kernel writes them. A lane copies the chunks
   // it later reads (lane, lane + 32, ...), so it needs only its own copies complete.
   const uint64_t policy = evict_first_policy();
+  // W's row for the n-th row taken: n itself, or in pairs (gate n / 2, up n / 2).
+  auto w_row = [&](int n) { return kPair ? (n >> 1) + static_cast<int64_t>(n & 1) * a.pair_half : n; };
   for (int r = 0; r < R && n0 + r < a.N; ++r) {
-    const int4* src = reinterpret_cast<const int4*>(static_cast<const int8_t*>(a.w) + static_cast<int64_t>(n0 + r) * a.K);
+    const int4* src = reinterpret_cast<const int4*>(static_cast<const int8_t*>(a.w) + w_row(n0 + r) * a.K);
     for (int c = lane; c < chunks; c += 32) cp_async16(rows + r * chunks + c, src + c, policy);
   }
   // Lane r holds row r's scale.
-  const float scale = lane < R && n0 + lane < a.N ? to_float(static_cast<const S*>(a.scales)[n0 + lane]) : 0.f;
+  const float scale = lane < R && n0 + lane < a.N ? to_float(static_cast<const S*>(a.scales)[w_row(n0 + lane)]) : 0.f;
   wait_for_inputs();
   allow_next_launch();  // only after the wait: see attention_decode_kernel
   // Lane r holds row r's residual (see early_residual).
   const float res = lane < R ? early_residual<T>(a, 0, n0 + lane) : 0.f;
   stage_block<T, int8_t, kAct>(a, smem);
   cp_async_wait_all();
+  float gate = 0.f;  // kPair: the last even row's sum
   for (int r = 0; r < R && n0 + r < a.N; ++r) {
     const float row_scale = __shfl_sync(0xffffffff, scale, r);
     float v = 0.f;
     for (int c = lane; c < chunks; c += 32) v += chunk_dot<T, int8_t>(rows[r * chunks + c], row_scale, smem, 1, a.K, 0, c);
     for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffff, v, off);
     const float row_res = __shfl_sync(0xffffffff, res, r);
-    if (lane == 0) store_output<T>(a, 0, n0 + r, v, true, row_res);
+    if constexpr (kPair) {  // n0 is even (R is): an even r is a gate, the next row its up
+      if (r % 2 == 0)
+        gate = v;
+      else if (lane == 0)
+        store_swiglu<T>(a, 0, (n0 + r) >> 1, gate, v);
+    } else if (lane == 0) {
+      store_output<T>(a, 0, n0 + r, v, true, row_res);
+    }
   }
 }
 
@@ -409,10 +424,11 @@ __global__ void __launch_bounds__(kWarps * 32, 4) gemv_rowbuf_kernel(GemvArgs a)
 // or four rows a warp where only that fits one grid (1B's 11264x2048 w13 and 32000x2048
 // classifier: 1B int8 1,428 -> 1,484 tok/s; stories110M's 32000x768 classifier was 1% slower, so
 // shorter rows stay on gemv_kernel). BABYRT_ROWBUF_ROWS=R (to measure) asks for R rows a warp
-// (up to kRowbufMaxRows) wherever one grid fits.
-template <typename T, typename S, Act kAct>
+// (up to kRowbufMaxRows) wherever one grid fits. kPair: 2 rows a warp where one grid fits, else
+// 4 (an even count: whole pairs), or BABYRT_ROWBUF_ROWS where it is even.
+template <typename T, typename S, Act kAct, bool kPair = false>
 bool launch_gemv_rowbuf(GemvArgs a) {
-  auto kernel = gemv_rowbuf_kernel<T, S, kAct>;
+  auto kernel = gemv_rowbuf_kernel<T, S, kAct, kPair>;
   static const KernelRoom room = kernel_room(kernel, [](int optin, int fixed) { return optin - fixed; });
   static const int forced = [] {
     const char* v = std::getenv("BABYRT_ROWBUF_ROWS");
@@ -430,7 +446,12 @@ bool launch_gemv_rowbuf(GemvArgs a) {
   };
   int R = forced;
   int64_t blocks = 0;
-  if (forced)
+  if (kPair) {
+    if (forced && forced % 2 == 0)
+      blocks = fitting_blocks(forced, 1);
+    else if ((blocks = fitting_blocks(R = 2, 1)) == 0)
+      blocks = fitting_blocks(R = 4, 1);
+  } else if (forced)
     blocks = fitting_blocks(forced, 1);
   else if ((blocks = fitting_blocks(1, 2)) > 0)
     R = 1;
@@ -496,8 +517,12 @@ bool launch_gemv(GemvArgs a) {
   static const bool stream = env_is("BABYRT_GEMV", "stream");
   static const bool wide = env_is("BABYRT_GEMV", "wide");
   static const bool regs = env_is("BABYRT_GEMV", "regs");
-  if (a.pair_half) {  // pairs: gemv_kernel only, RMSNorm only (try_gemv checks)
-    if constexpr (kAct == Act::kRmsNorm) return launch_gemv_grid<T, W, S, kAct, kBatch, false, true>(a, false);
+  if (a.pair_half) {  // pairs: RMSNorm only (try_gemv checks); the row buffer as below
+    if constexpr (kAct == Act::kRmsNorm) {
+      if constexpr (sizeof(W) == 1 && sizeof(T) == 2)
+        if (!regs && a.M == 1 && a.group == a.K && launch_gemv_rowbuf<T, S, kAct, true>(a)) return true;
+      return launch_gemv_grid<T, W, S, kAct, kBatch, false, true>(a, false);
+    }
     return false;
   }
   if constexpr (sizeof(W) == 1) {
