@@ -12,9 +12,10 @@ a kernel's marginal time is what it adds to the step, its end less the later of 
 kernel's end (in start order) and its own start; its head start is how long before the previous
 kernel's end it started, and its gap how long after (idle time, e.g. between graph replays).
 The third table splits the marginal times by role: a kernel by its short name (a GEMV with its
-fused activation) and the kernel before it, so that a layer's GEMVs come apart (QKV: rmsnorm
-after the embedding or a swiglu GEMV; wo: none after attention; w13: rmsnorm after none; w2:
-swiglu after rmsnorm).
+fused activation, "pair" for ffn_block's w13 with its SwiGLU epilogue) and the kernel before
+it, so that a layer's GEMVs come apart (QKV: rmsnorm after the embedding or a w2 GEMV; wo: none
+after attention; w13: rmsnorm pair after none; w2: none after rmsnorm pair; with
+BABYRT_FFN_FUSED=0 w13 is rmsnorm after none and w2 swiglu after rmsnorm).
 """
 from __future__ import annotations
 
@@ -95,12 +96,15 @@ ACTS = {"0": "none", "1": "rmsnorm", "2": "swiglu"}
 
 
 def short_name(name: str) -> str:
-    """babyrt's kernel name without namespaces and types; a GEMV with its fused activation."""
+    """babyrt's kernel name without namespaces and types; a GEMV with its fused activation,
+    and "pair" where its last template argument (kPair: gate and up rows in pairs) is true."""
     m = re.search(r"(\w+_kernel)\b", name)
     if not m:
         return name[:40]
-    act = re.search(r"Act\)(\d)", name)
-    return f"{m.group(1)} {ACTS.get(act.group(1), act.group(1))}" if act else m.group(1)
+    act = re.search(r"Act\)(\d)[^>]*?(\btrue)?>", name)
+    if not act:
+        return m.group(1)
+    return f"{m.group(1)} {ACTS.get(act.group(1), act.group(1))}" + (" pair" if act.group(2) else "")
 
 
 def marginal_costs(prof) -> tuple[dict, dict]:

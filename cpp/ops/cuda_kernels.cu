@@ -657,8 +657,9 @@ at::Tensor swiglu_linear_cuda(const at::Tensor& gate_up, const at::Tensor& w,
 // ffn_block: the w13 GEMV computes each gate and up row in the same warp and writes
 // silu(gate) * up, so that the w2 GEMV stages a plain row of x and SwiGLU is computed once a
 // step, not once a w2 block (H200, bf16 / int8 tok/s: stories110M 4,230 / 5,284 -> 4,487 /
-// 5,637; 1B 1,062 / 1,579 -> 1,132 / 1,725). BABYRT_FFN_FUSED=0, and calls the kernels do not
-// cover (more than kMaxRows rows), run the two ops instead.
+// 5,637; 1B 1,062 / 1,579 -> 1,132 / 1,725; then int8 pairs on the row-buffer kernel: 5,774,
+// 1,807). BABYRT_FFN_FUSED=0, and calls the kernels do not cover (more than kMaxRows rows), run
+// the two ops instead.
 at::Tensor ffn_block_cuda(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
                           const at::Tensor& w13, const OptTensor& w13_scales, const at::Tensor& w2,
                           const OptTensor& w2_scales) {
