@@ -103,12 +103,13 @@ def test_cuda_linear_large_shapes(M, N, K, weights):
 
 
 @NEEDS_CUDA
-@pytest.mark.parametrize("variant", ["stream", "wide", "regs"])
+@pytest.mark.parametrize("variant", ["stream", "wide", "regs", "fit"])
 def test_cuda_gemv_variant(variant):
     """The opt-in GEMVs pass the CUDA linear tests too. BABYRT_GEMV=stream: the streamed GEMV
     (bulk copies into a shared-memory ring) for int8 weights from 2 MB on Hopper; =wide: 16
     chunks a lane at 2 blocks an SM for int8 rows of 9 to 16 chunks a lane; =regs: the register
-    kernel for the per-channel int8 rows that the row-buffer kernel takes by default."""
+    kernel for the per-channel int8 rows that the row-buffer kernel takes by default; =fit: the
+    register kernel's rows at as few lanes as cover them in one batch."""
     if os.environ.get("BABYRT_GEMV"):
         pytest.skip("already running a variant")
     r = run_tests_under({"BABYRT_GEMV": variant}, __file__, "cuda and (linear or fused)")

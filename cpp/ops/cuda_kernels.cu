@@ -489,6 +489,15 @@ bool launch_gemv_grid(GemvArgs a, bool one_round) {
   // Fewer lanes a row (down to 4) while a warp has more than one group of rows to take and
   // half the lanes still cover a row in one batch.
   a.row_lanes = 32;
+  // BABYRT_GEMV=fit (opt-in, not yet measured): first as few lanes as cover a row in one batch,
+  // whatever the grid. By default a grid that fits at once keeps 32 lanes a row, so that short
+  // rows leave most of a lane's kB chunk slots empty (stories110M's 768-wide bf16 rows: 3 of 8)
+  // and the grid fills every SM (288 blocks for its QKV; 144 at 16 lanes a row, with as many
+  // bytes in flight), which may be what keeps attention's blocks from starting early after a
+  // bf16 QKV GEMV (docs/cuda-decode.md, "Sixteenth session").
+  static const bool fit = env_is("BABYRT_GEMV", "fit");
+  if (fit)
+    while (a.row_lanes > 4 && chunks <= (a.row_lanes / 2) * kB) a.row_lanes /= 2;
   while (a.row_lanes > 4 && rows_per_warp(a.row_lanes) > 1 && chunks <= (a.row_lanes / 2) * kB)
     a.row_lanes /= 2;
   if (kPair && a.row_lanes > 16) a.row_lanes = 16;  // a group of rows holds a whole pair
