@@ -70,7 +70,7 @@ if [[ $what == *tests* || $what == all ]]; then
   tests=(tests/test_cuda.py tests/test_batch.py tests/test_parity.py tests/test_ops.py
          tests/test_quantize.py tests/test_hardening.py)
   [[ -n ${TESTS:-} ]] && read -ra tests <<< "$TESTS"
-  timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -p no:cacheprovider --durations=25 ${TESTS_K:+-k "$TESTS_K"} "${tests[@]/#tests\//$repo/tests/}" > "$OUT/pytest.log" 2>&1
+  timeout ${TESTS_TIMEOUT:-480} python3 -m pytest -q -p no:cacheprovider --durations=25 ${TESTS_K:+-k "$TESTS_K"} "${tests[@]/#tests\//$repo/tests/}" > "$OUT/pytest.log" 2>&1
   echo "pytest exit $?"; grep -E "passed|failed|Fatal|Segmentation|File \"$repo" "$OUT/pytest.log" | tail -15
 fi
 if [[ -n ${sweep_pid:-} ]]; then
