@@ -19,11 +19,14 @@ export PYTHONUNBUFFERED=1 CMAKE_CUDA_ARCHITECTURES=90 CMAKE_BUILD_PARALLEL_LEVEL
 what=${*:-all}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -m pip install --no-build-isolation --no-deps -q . 2>&1 | tail -20 || exit 1
+echo "build and install: $SECONDS s"
 # A libstdc++ linked statically into libbabyrt crashes on its first ostream use (seen once).
 lib=$(python3 -c "import babyrt, os; print(os.path.dirname(babyrt.__file__))")/libbabyrt.so
 echo "libstdc++ symbols defined in libbabyrt: $(nm -D --defined-only "$lib" | grep -c codecvt)"
 echo "static or libstdc++ link flags in build.ninja: $(grep -ho -- "-static[^ ]*\|[^ ]*stdc++[^ ]*" \
   build/*/build.ninja 2>/dev/null | sort -u | tr '\n' ' ')(none is right)"
+echo "CUDA architectures compiled (one is right): $(grep -ho -- "-gencode [^ ]*\|--generate-code=[^ ]*" \
+  build/*/build.ninja 2>/dev/null | sort -u | tr '\n' ' ')"
 cd /tmp  # import the installed package, not the source tree
 repo=$OLDPWD
 # Runs a command under a setting: "none" or comma-separated NAME=VALUE environment variables.
