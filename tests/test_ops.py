@@ -103,16 +103,19 @@ def test_cuda_linear_large_shapes(M, N, K, weights):
 
 
 @NEEDS_CUDA
-@pytest.mark.parametrize("variant", ["stream", "wide", "regs", "fit"])
-def test_cuda_gemv_variant(variant):
+@pytest.mark.parametrize("switch,variant", [("BABYRT_GEMV", "stream"), ("BABYRT_GEMV", "wide"),
+                                            ("BABYRT_GEMV", "regs"), ("BABYRT_GEMV", "fit"),
+                                            ("BABYRT_GEMV_SM_BLOCKS", "1")])
+def test_cuda_gemv_variant(switch, variant):
     """The opt-in GEMVs pass the CUDA linear tests too. BABYRT_GEMV=stream: the streamed GEMV
     (bulk copies into a shared-memory ring) for int8 weights from 2 MB on Hopper; =wide: 16
     chunks a lane at 2 blocks an SM for int8 rows of 9 to 16 chunks a lane; =regs: the register
     kernel for the per-channel int8 rows that the row-buffer kernel takes by default; =fit: the
-    register kernel's rows at as few lanes as cover them in one batch."""
-    if os.environ.get("BABYRT_GEMV"):
+    register kernel's rows at as few lanes as cover them in one batch. BABYRT_GEMV_SM_BLOCKS=1:
+    the register kernel's grid sized for one block an SM (warps then take several rows)."""
+    if os.environ.get("BABYRT_GEMV") or os.environ.get("BABYRT_GEMV_SM_BLOCKS"):
         pytest.skip("already running a variant")
-    r = run_tests_under({"BABYRT_GEMV": variant}, __file__, "cuda and (linear or fused)")
+    r = run_tests_under({switch: variant}, __file__, "cuda and (linear or fused)")
     assert r.returncode == 0, r.stdout[-3000:]
 
 

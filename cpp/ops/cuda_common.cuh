@@ -101,6 +101,13 @@ inline bool env_is(const char* name, const char* value) {
   return v && std::strcmp(v, value) == 0;
 }
 
+// Environment variable name as a count of at least 0 (0 when unset: the kernels' measurement
+// knobs).
+inline int env_count(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? std::max(std::atoi(v), 0) : 0;
+}
+
 // Launches kernel on the current stream with PDL and, when cluster > 1, thread-block clusters
 // of `cluster` blocks along x (grid.x must be a multiple of it).
 template <typename Kernel, typename... Args>

@@ -579,10 +579,7 @@ at::Tensor decode_step_cuda(const at::Tensor& tokens, const at::Tensor& position
   a.gu = gu.mutable_data_ptr();
   a.logits = logits.mutable_data_ptr<float>();
   a.arrivals = step_counter(k_cache);
-  static const int debug = [] {
-    const char* v = std::getenv("BABYRT_STEP_DEBUG");
-    return v ? std::atoi(v) : 0;
-  }();
+  static const int debug = env_count("BABYRT_STEP_DEBUG");
   a.debug = debug;
   a.trace = step_trace(tokens.device());
   a.emb_rows = emb.size(0);

@@ -430,10 +430,7 @@ template <typename T, typename S, Act kAct, bool kPair = false>
 bool launch_gemv_rowbuf(GemvArgs a) {
   auto kernel = gemv_rowbuf_kernel<T, S, kAct, kPair>;
   static const KernelRoom room = kernel_room(kernel, [](int optin, int fixed) { return optin - fixed; });
-  static const int forced = [] {
-    const char* v = std::getenv("BABYRT_ROWBUF_ROWS");
-    return v ? std::clamp(std::atoi(v), 0, kRowbufMaxRows) : 0;
-  }();
+  static const int forced = std::min(env_count("BABYRT_ROWBUF_ROWS"), kRowbufMaxRows);
   const bool tall = a.K >= 2048;
   auto smem_of = [&](int R) { return rowbuf_offset<T>(a.K) + static_cast<size_t>(kWarps) * R * a.K; };
   // Blocks at R rows a warp, if `grids` of them fit on the device at once (else 0).
@@ -479,9 +476,12 @@ bool launch_gemv_grid(GemvArgs a, bool one_round) {
   static const KernelRoom room = kernel_room(kernel, [](int optin, int fixed) { return optin - fixed; });
   if (smem > static_cast<size_t>(room.smem) / 2) return false;  // two blocks per SM at least
   const int per_sm = blocks_per_sm(reinterpret_cast<const void*>(kernel), kWarps * 32, smem);
-  // As many blocks as fit at once (measured on the H200: capping them at 2 or 1 per SM, so that
-  // the next kernel's blocks could start early under PDL, was slower).
-  const int64_t resident = std::max(per_sm, 1) * static_cast<int64_t>(room.sms);
+  // As many blocks as fit at once (measured on the H200 in the fifth session, before
+  // attention copied its K and V rows early: capping them at 2 or 1 per SM, so that the next
+  // kernel's blocks could start early under PDL, was slower). BABYRT_GEMV_SM_BLOCKS=N (to
+  // measure that again) sizes the grid for at most N blocks an SM.
+  static const int cap = env_count("BABYRT_GEMV_SM_BLOCKS");
+  const int64_t resident = std::max(cap ? std::min(per_sm, cap) : per_sm, 1) * static_cast<int64_t>(room.sms);
   const int chunks = a.K / (16 / static_cast<int>(sizeof(W)));
   // Blocks if each warp took one group of 32 / lanes rows, and the groups each warp then takes.
   auto row_groups = [&](int lanes) { return (a.N + kWarps * (32 / lanes) - 1) / (kWarps * (32 / lanes)); };
@@ -1010,10 +1010,8 @@ bool launch_attention_linear(const at::Tensor& qkv, const at::Tensor& positions,
     return clusters_that_fit(reinterpret_cast<const void*>(kernel), static_cast<int>(H), kAttnThreads,
                              static_cast<size_t>(smem));
   };
-  static const int64_t forced = [] {  // BABYRT_ATTN_LINEAR_CLUSTERS=n: n clusters (to measure)
-    const char* v = std::getenv("BABYRT_ATTN_LINEAR_CLUSTERS");
-    return v ? std::max(std::atoi(v), 0) : 0;
-  }();
+  // BABYRT_ATTN_LINEAR_CLUSTERS=n: n clusters (to measure)
+  static const int64_t forced = env_count("BABYRT_ATTN_LINEAR_CLUSTERS");
   Layout l = layout(std::clamp<int64_t>(forced ? forced : room.sms / H, 1, std::max<int64_t>(N / H, 1)));
   if (l.early > budget) return false;
   const int fit = active_clusters(l.smem);
