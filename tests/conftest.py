@@ -2,6 +2,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -70,12 +71,28 @@ def corpus_file(tmp_path_factory, corpus_text) -> Path:
     return p
 
 
-def run_tests_under(env: dict, path, select: str) -> subprocess.CompletedProcess:
+class Rerun:
     """pytest -k `select` on `path` in a fresh process with `env` set: the kernels read their
-    switches (BABYRT_GEMV, BABYRT_CPU_ISA, ...) once per process."""
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           str(path), "-k", select], env={**os.environ, **env},
-                          capture_output=True, text=True)
+    switches (BABYRT_GEMV, BABYRT_CPU_ISA, ...) once per process. It starts at once and
+    result() waits for it, so that several reruns can overlap."""
+
+    def __init__(self, env: dict, path, select: str):
+        self._log = tempfile.TemporaryFile(mode="w+")  # a file: no pipe to fill while others run
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(path), "-k", select],
+            env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT, text=True)
+
+    def result(self) -> tuple[int, str]:
+        """Its exit status and output, once it has ended."""
+        code = self._proc.wait()
+        self._log.seek(0)
+        return code, self._log.read()
+
+    def stop(self):
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._log.close()
 
 
 def int8_activation_bound(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

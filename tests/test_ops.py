@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import babyrt  # noqa: F401  (registers torch.ops.babyrt)
-from conftest import int8_activation_bound, run_tests_under
+from conftest import Rerun, int8_activation_bound
 from babyrt.quantize import QuantConfig, dequantize, quantize_weight
 from babyrt.training.models.layers import apply_rope, rope_tables
 
@@ -102,49 +102,86 @@ def test_cuda_linear_large_shapes(M, N, K, weights):
     assert torch.equal(ops.linear(x, q, s, r), got)
 
 
+# Opt-in CUDA switches: each reruns tests in subprocesses under its setting (below). Under any
+# of them those tests skip, so that no rerun starts reruns of its own.
+CUDA_SWITCHES = ("BABYRT_GEMV", "BABYRT_GEMV_SM_BLOCKS", "BABYRT_ATTN_LINEAR", "BABYRT_FFN_FUSED")
+UNDER_A_SWITCH = pytest.mark.skipif(any(os.environ.get(s) for s in CUDA_SWITCHES),
+                                    reason="already running under an opt-in switch")
+GEMV_TESTS = [(Path(__file__), "cuda and (linear or fused)")]
+
+
+def op_and_generation_tests(op_tests: str) -> list:
+    """The op tests of this file that op_tests selects, then the CUDA generation tests (greedy
+    parity with the CPU, batches, graphs)."""
+    return [(Path(__file__), op_tests), (Path(__file__).with_name("test_cuda.py"), "greedy or batch or graph")]
+
+
+RERUNS = {  # setting: the (file, -k selection) pairs it reruns
+    "BABYRT_GEMV=stream": GEMV_TESTS, "BABYRT_GEMV=wide": GEMV_TESTS, "BABYRT_GEMV=regs": GEMV_TESTS,
+    "BABYRT_GEMV=fit": GEMV_TESTS, "BABYRT_GEMV_SM_BLOCKS=1": GEMV_TESTS,
+    "BABYRT_ATTN_LINEAR=1": op_and_generation_tests("attention_linear"),
+    "BABYRT_FFN_FUSED=0": op_and_generation_tests("ffn_block"),
+}
+
+
+@pytest.fixture(scope="module")
+def cuda_reruns(request):
+    """The reruns of the settings that the selected tests ask for (marker `rerun`), all started
+    on first use, so that they overlap on the GPU machine (one after another they took most of
+    the GPU tests' time)."""
+    wanted = {m.args[0] for item in request.session.items for m in item.iter_markers("rerun")}
+    runs = {}
+    for setting in sorted(wanted):
+        name, value = setting.split("=", 1)
+        runs[setting] = [Rerun({name: value}, path, select) for path, select in RERUNS[setting]]
+    yield runs
+    for started in runs.values():
+        for r in started:
+            r.stop()
+
+
+def assert_reruns_pass(request, cuda_reruns):
+    for r in cuda_reruns[request.node.get_closest_marker("rerun").args[0]]:
+        code, out = r.result()
+        assert code == 0, out[-3000:]
+
+
+def rerun(setting: str, id: str):
+    return pytest.param(setting, marks=pytest.mark.rerun(setting), id=id)
+
+
 @NEEDS_CUDA
-@pytest.mark.parametrize("switch,variant", [("BABYRT_GEMV", "stream"), ("BABYRT_GEMV", "wide"),
-                                            ("BABYRT_GEMV", "regs"), ("BABYRT_GEMV", "fit"),
-                                            ("BABYRT_GEMV_SM_BLOCKS", "1")])
-def test_cuda_gemv_variant(switch, variant):
+@UNDER_A_SWITCH
+@pytest.mark.parametrize("setting", [rerun("BABYRT_GEMV=stream", "stream"), rerun("BABYRT_GEMV=wide", "wide"),
+                                     rerun("BABYRT_GEMV=regs", "regs"), rerun("BABYRT_GEMV=fit", "fit"),
+                                     rerun("BABYRT_GEMV_SM_BLOCKS=1", "sm-blocks-1")])
+def test_cuda_gemv_variant(setting, request, cuda_reruns):
     """The opt-in GEMVs pass the CUDA linear tests too. BABYRT_GEMV=stream: the streamed GEMV
     (bulk copies into a shared-memory ring) for int8 weights from 2 MB on Hopper; =wide: 16
     chunks a lane at 2 blocks an SM for int8 rows of 9 to 16 chunks a lane; =regs: the register
     kernel for the per-channel int8 rows that the row-buffer kernel takes by default; =fit: the
     register kernel's rows at as few lanes as cover them in one batch. BABYRT_GEMV_SM_BLOCKS=1:
     the register kernel's grid sized for one block an SM (warps then take several rows)."""
-    if os.environ.get("BABYRT_GEMV") or os.environ.get("BABYRT_GEMV_SM_BLOCKS"):
-        pytest.skip("already running a variant")
-    r = run_tests_under({switch: variant}, __file__, "cuda and (linear or fused)")
-    assert r.returncode == 0, r.stdout[-3000:]
-
-
-def assert_passes_under(env: dict, op_tests: str):
-    """The op tests of this file that op_tests selects, then the CUDA generation tests (greedy
-    parity with the CPU, batches, graphs), in subprocesses with env set (an opt-in kernel)."""
-    for path, select in ((Path(__file__), op_tests),
-                         (Path(__file__).with_name("test_cuda.py"), "greedy or batch or graph")):
-        r = run_tests_under(env, path, select)
-        assert r.returncode == 0, r.stdout[-3000:]
+    assert_reruns_pass(request, cuda_reruns)
 
 
 @NEEDS_CUDA
-def test_cuda_attention_linear_kernel():
+@UNDER_A_SWITCH
+@pytest.mark.rerun("BABYRT_ATTN_LINEAR=1")
+def test_cuda_attention_linear_kernel(request, cuda_reruns):
     """BABYRT_ATTN_LINEAR=1 (opt-in): attention_linear as one CUDA kernel passes the op tests,
     and the CUDA generation tests (greedy parity with the CPU, batches, graphs) run through it."""
-    if os.environ.get("BABYRT_ATTN_LINEAR"):
-        pytest.skip("already running the kernel")
-    assert_passes_under({"BABYRT_ATTN_LINEAR": "1"}, "attention_linear and not kernel")
+    assert_reruns_pass(request, cuda_reruns)
 
 
 @NEEDS_CUDA
-def test_cuda_ffn_block_unfused():
+@UNDER_A_SWITCH
+@pytest.mark.rerun("BABYRT_FFN_FUSED=0")
+def test_cuda_ffn_block_unfused(request, cuda_reruns):
     """BABYRT_FFN_FUSED=0 (ffn_block as its two ops' kernels, kept to measure against) passes
     the op tests, and the CUDA generation tests (greedy parity with the CPU, batches, graphs)
     run through it."""
-    if os.environ.get("BABYRT_FFN_FUSED"):
-        pytest.skip("already running under the switch")
-    assert_passes_under({"BABYRT_FFN_FUSED": "0"}, "ffn_block and not unfused")
+    assert_reruns_pass(request, cuda_reruns)
 
 
 def test_quantize_error_is_within_half_a_step():
@@ -414,9 +451,9 @@ def test_ops_reject_bad_shapes():
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 def test_every_cpu_kernel_variant(isa):
     """The CPU picks its best kernels; capping the ISA runs the others through the same tests."""
-    r = run_tests_under({"BABYRT_CPU_ISA": isa}, __file__,
-                        "cpu and (linear or fused or attention) or isa_cap")
-    assert r.returncode == 0, r.stdout[-3000:]
+    code, out = Rerun({"BABYRT_CPU_ISA": isa}, __file__,
+                      "cpu and (linear or fused or attention) or isa_cap").result()
+    assert code == 0, out[-3000:]
 
 
 def test_cpu_isa_cap_is_obeyed():
