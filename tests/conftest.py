@@ -78,8 +78,10 @@ class Rerun:
 
     def __init__(self, env: dict, path, select: str):
         self._log = tempfile.TemporaryFile(mode="w+")  # a file: no pipe to fill while others run
+        self._tmp = tempfile.TemporaryDirectory(prefix="babyrt-rerun-")  # its own, beside others
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(path), "-k", select],
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+             f"--basetemp={self._tmp.name}/t", str(path), "-k", select],
             env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT, text=True)
 
     def result(self) -> tuple[int, str]:
@@ -93,6 +95,7 @@ class Rerun:
             self._proc.kill()
             self._proc.wait()
         self._log.close()
+        self._tmp.cleanup()
 
 
 def int8_activation_bound(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
