@@ -30,19 +30,14 @@ from pathlib import Path
 import torch
 
 import babyrt
-from babyrt.bench import PROMPT, _synthetic_vocab, shape_model
-from babyrt.export import export_model
+from babyrt.bench import PROMPT, shape_artifacts
 from babyrt.quantize import QuantConfig
 
 
-def profile(shape: str, quantize: bool, new_tokens: int, top: int) -> dict:
+def profile(shape: str, quantize: bool, new_tokens: int, top: int, cache_dir=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="babyrt-prof-") as tmp:
-        model = shape_model(shape, max(512, len(PROMPT) + new_tokens))
-        vocab = Path(tmp) / "tokenizer.bin"
-        _synthetic_vocab(vocab, model.cfg.vocab_size)
-        info = {"kind": "char", "bos_id": -1, "eos_id": -1, "add_bos": False}
-        path = export_model(model, info, vocab, Path(tmp) / "a", dtype="bf16",
-                            quant=QuantConfig() if quantize else None)
+        [(_, path)] = shape_artifacts(shape, max(512, len(PROMPT) + new_tokens), "bf16",
+                                      [QuantConfig() if quantize else None], cache_dir or tmp)
         m = babyrt.load(path, device="cuda")
         for _ in range(2):
             m.generate(PROMPT, max_new_tokens=new_tokens, temperature=0.0)
@@ -135,8 +130,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--top", type=int, default=14)
     p.add_argument("--json")
+    p.add_argument("--cache-dir", help="as babyrt bench --cache-dir (the same artifacts)")
     a = p.parse_args()
-    r = profile(a.shape, a.quantize == "int8", a.new_tokens, a.top)
+    r = profile(a.shape, a.quantize == "int8", a.new_tokens, a.top, a.cache_dir)
     if a.json:
         Path(a.json).write_text(json.dumps(r, indent=1))
 

@@ -126,8 +126,10 @@ def test_cli_export_int8(tmp_path, corpus_file):
 def test_bench_reports_both_variants_and_its_peers(tmp_path):
     out = tmp_path / "bench.json"
     r = run_cli("babyrt", "bench", "--shape", "stories15M", "--quantize", "int8", "--new-tokens", "8",
-                "--repeat", "1", "--peers", "cli,eager,hf", "--json", out, "--plot", tmp_path / "bench.png")
+                "--repeat", "1", "--peers", "cli,eager,hf", "--json", out, "--plot", tmp_path / "bench.png",
+                "--cache-dir", tmp_path / "cache")
     assert r.returncode == 0, r.stderr[-2000:]
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # kept for later runs
     res = json.loads(out.read_text())
     rows = {(x["runtime"], x["quantization"]): x for x in res["rows"]}
     assert set(rows) == {("babyrt", "none"), ("babyrt", "int8"), ("PyTorch eager loop", "none"),
@@ -142,3 +144,22 @@ def test_bench_reports_both_variants_and_its_peers(tmp_path):
     assert bad.returncode == 1 and "--shape" in bad.stderr
     bad = run_cli("babyrt", "bench", "--shape", "stories15M", "--peers", "llamacpp")
     assert bad.returncode == 1 and "unknown peers" in bad.stderr
+
+
+def test_bench_cache_dir_reuses_its_artifacts(tmp_path, monkeypatch):
+    """--cache-dir: --shape's artifacts are exported once and found again by later runs; another
+    context is another artifact; bench runs on what it finds."""
+    from babyrt import bench
+
+    quants = [None, QuantConfig()]
+    first = bench.shape_artifacts("stories15M", 64, "fp32", quants, tmp_path)
+    assert [name for name, _ in first] == ["stories15M fp32", "stories15M fp32 int8"]
+    assert [read_metadata(p)["quantization"] for _, p in first] == ["none", "int8"]
+    with monkeypatch.context() as m:
+        m.setattr(bench, "shape_model", lambda *a: pytest.fail("exported again"))
+        assert bench.shape_artifacts("stories15M", 64, "fp32", quants, tmp_path) == first
+    [(_, other)] = bench.shape_artifacts("stories15M", 128, "fp32", [None], tmp_path)
+    assert other not in [p for _, p in first] and len(list(tmp_path.iterdir())) == 3
+    res = bench.bench(shape="stories15M", new_tokens=4, repeat=1, peers=(), cache_dir=tmp_path)
+    assert [r["tg_tok_s"] > 0 for r in res["rows"]] == [True]
+    assert len(list(tmp_path.iterdir())) == 4  # its context (512) kept for the next run

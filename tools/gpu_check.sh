@@ -29,6 +29,9 @@ echo "CUDA architectures compiled (one is right): $(grep -ho -- "-gencode [^ ]*\
   build/*/build.ninja 2>/dev/null | sort -u | tr '\n' ' ')"
 cd /tmp  # import the installed package, not the source tree
 repo=$OLDPWD
+# --shape artifacts exported once in this call and reused by every bench and profile run.
+cache=$(mktemp -d /tmp/babyrt-bench-cache.XXXXXX)
+trap 'rm -rf "$cache"' EXIT
 # Runs a command under a setting: "none" or comma-separated NAME=VALUE environment variables.
 with_setting() {
   local settings=()
@@ -40,7 +43,7 @@ bench_settings() {
   for shape in ${BENCH_SHAPES:-stories15M stories110M 1b-gqa}; do
     for v in "$@"; do
       with_setting "$v" timeout 150 babyrt bench --shape $shape --device cuda --quantize int8 \
-        --no-peers --json "$OUT/bench_${v//[=,]/_}_$shape.json" 2>&1 | grep -E '^\| *babyrt' | sed "s/^/$v /"
+        --no-peers --cache-dir "$cache" --json "$OUT/bench_${v//[=,]/_}_$shape.json" 2>&1 | grep -E '^\| *babyrt' | sed "s/^/$v /"
     done
   done
 }
@@ -86,7 +89,7 @@ if [[ -n ${sweep_pid:-} ]]; then
 fi
 if [[ $what == *bench* || $what == all ]]; then
   for shape in ${BENCH_SHAPES:-stories15M stories110M 1b-gqa}; do
-    babyrt bench --shape $shape --device cuda --quantize int8 --json "$OUT/bench_$shape.json" \
+    babyrt bench --shape $shape --device cuda --quantize int8 --cache-dir "$cache" --json "$OUT/bench_$shape.json" \
       ${BENCH_ARGS:-} 2>&1 | grep -v Warning
   done
 fi
@@ -136,10 +139,10 @@ if [[ $what == *profile* ]]; then
   for shape in ${BENCH_SHAPES:-stories15M stories110M 1b-gqa}; do
     for q in "" "--quantize int8"; do
       BABYRT_PDL=${PROFILE_PDL:-0} timeout 120 python3 "$repo/benchmarks/cuda_decode_profile.py" --shape $shape $q \
-        --json "$OUT/profile_${shape}${q:+_int8}.json" 2>&1 | grep -v Warning
+        --cache-dir "$cache" --json "$OUT/profile_${shape}${q:+_int8}.json" 2>&1 | grep -v Warning
     done
   done
-  BABYRT_GRAPH_STEPS=1 python3 "$repo/benchmarks/cuda_decode_profile.py" --shape stories15M --top 0 \
+  BABYRT_GRAPH_STEPS=1 python3 "$repo/benchmarks/cuda_decode_profile.py" --shape stories15M --top 0 --cache-dir "$cache" \
     2>&1 | grep -v Warning | sed 's/^/one graph per token: /'
 fi
 if [[ $what == *chain* ]]; then

@@ -35,6 +35,42 @@ def shape_model(shape: str, context_length: int):
     return Llama(cfg).eval()
 
 
+def _source_hash() -> str:
+    """A hash of babyrt's Python files and artifact format, which make an exported module."""
+    import hashlib
+
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for f in sorted([*root.rglob("*.py"), root / "artifact_format.json"]):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def shape_artifacts(shape: str, context: int, dtype: str, quants: list, out_dir) -> list:
+    """(name, path) of --shape's artifacts, one per quantization in quants (None: dtype
+    weights), in out_dir: exported from the random-weight model (seed 0), or found there from
+    an earlier call. A directory's name carries the shape, context, variant and a hash of
+    babyrt's Python source, so that a cache dir never serves a module that other code exported
+    (artifacts are written whole or not at all)."""
+    from .export import export_model
+
+    out_dir, model, found = Path(out_dir), None, []
+    for q in quants:
+        name = f"{shape} {dtype}" + (" int8" if q else "")
+        group = f"-g{q.group_size}" if q and q.group_size else ""
+        path = out_dir / f"{name.replace(' ', '-')}{group}-ctx{context}-{_source_hash()}"
+        if not path.exists():
+            if model is None:
+                model = shape_model(shape, context)
+            with tempfile.TemporaryDirectory(prefix="babyrt-vocab-") as tmp:
+                vocab = Path(tmp) / "tokenizer.bin"
+                _synthetic_vocab(vocab, model.cfg.vocab_size)
+                info = {"kind": "char", "bos_id": -1, "eos_id": -1, "add_bos": False}
+                export_model(model, info, vocab, path, dtype=dtype, quant=q)
+        found.append((name, path))
+    return found
+
+
 def _synthetic_vocab(path: Path, vocab_size: int) -> None:
     """One character per token: printable ASCII first (so PROMPT encodes one token per
     character), then code points from U+0100 up."""
@@ -252,11 +288,13 @@ def run_hf(artifact_dir, device: str, dtype: torch.dtype, new_tokens: int, repea
 
 def bench(artifact: Optional[str] = None, shape: Optional[str] = None, device: str = "cpu",
           dtype: Optional[str] = None, quantize: bool = False, group_size: Optional[int] = None,
-          new_tokens: int = 256, repeat: int = 3, peers=("eager",)) -> dict:
+          new_tokens: int = 256, repeat: int = 3, peers=("eager",),
+          cache_dir: Optional[str] = None) -> dict:
     """peers: any of "cli" (babyrt-run, the C++ binary, on every variant), and "eager",
-    "compile", "hf" (on --shape models only)."""
+    "compile", "hf" (on --shape models only). cache_dir: where --shape's artifacts are kept
+    and found again (see shape_artifacts; by default a temporary directory)."""
     from .artifact import read_metadata
-    from .export import DTYPES, export_model
+    from .export import DTYPES
     from .quantize import QuantConfig
 
     bw = copy_bandwidth(device)
@@ -267,16 +305,11 @@ def bench(artifact: Optional[str] = None, shape: Optional[str] = None, device: s
             variants = [(Path(artifact).name, Path(artifact), dtype)]
         else:
             context = max(512, len(PROMPT) + new_tokens)
-            model = shape_model(shape, context)
-            vocab = Path(tmp) / "tokenizer.bin"
-            _synthetic_vocab(vocab, model.cfg.vocab_size)
-            info = {"kind": "char", "bos_id": -1, "eos_id": -1, "add_bos": False}
-            variants = []
-            for q in ([None, QuantConfig(group_size=group_size)] if quantize else [None]):
-                name = f"{shape} {fdtype}" + (" int8" if q else "")
-                out = export_model(model, info, vocab, Path(tmp) / name.replace(" ", "-"),
-                                   dtype=fdtype, quant=q)
-                variants.append((name, out, None))
+            quants = [None, QuantConfig(group_size=group_size)] if quantize else [None]
+            variants = [(name, path, None) for name, path in
+                        shape_artifacts(shape, context, fdtype, quants, cache_dir or tmp)]
+            if [p for p in peers if p != "cli"]:
+                model = shape_model(shape, context)  # the peers run the same weights
         for name, path, dt in variants:
             r = run_babyrt(path, device, dt, new_tokens, repeat)
             wb = weight_bytes(path)
@@ -353,7 +386,7 @@ def main(a) -> None:
     if unknown:
         raise ValueError(f"unknown peers {sorted(unknown)}: choose from cli, eager, compile, hf")
     result = bench(a.artifact, a.shape, a.device, a.dtype, a.quantize == "int8", a.group_size,
-                   a.new_tokens, a.repeat, peers)
+                   a.new_tokens, a.repeat, peers, a.cache_dir)
     print(table(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))

@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "compile (torch.compile, reduce-overhead on CUDA), hf (transformers "
                         "generate, when installed)")
     b.add_argument("--no-peers", action="store_true", help="skip the peers")
+    b.add_argument("--cache-dir", help="--shape: keep the exported artifacts here and reuse "
+                                       "them in later runs (same babyrt source only)")
     b.add_argument("--json", help="write the results here")
     b.add_argument("--plot", help="write a bar chart PNG here")
     b.set_defaults(func=lambda a: __import__("babyrt.bench", fromlist=["main"]).main(a))
