@@ -51,22 +51,29 @@ def shape_artifacts(shape: str, context: int, dtype: str, quants: list, out_dir)
     weights), in out_dir: exported from the random-weight model (seed 0), or found there from
     an earlier call. A directory's name carries the shape, context, variant and a hash of
     babyrt's Python source, so that a cache dir never serves a module that other code exported
-    (artifacts are written whole or not at all)."""
+    (each is exported beside it, then renamed into place: written whole or not at all, and the
+    first of two runs that export it at once is the one kept)."""
     from .export import export_model
 
-    out_dir, model, found = Path(out_dir), None, []
+    out_dir, model, found, source = Path(out_dir), None, [], _source_hash()
+    out_dir.mkdir(parents=True, exist_ok=True)
     for q in quants:
         name = f"{shape} {dtype}" + (" int8" if q else "")
         group = f"-g{q.group_size}" if q and q.group_size else ""
-        path = out_dir / f"{name.replace(' ', '-')}{group}-ctx{context}-{_source_hash()}"
+        path = out_dir / f"{name.replace(' ', '-')}{group}-ctx{context}-{source}"
         if not path.exists():
             if model is None:
                 model = shape_model(shape, context)
-            with tempfile.TemporaryDirectory(prefix="babyrt-vocab-") as tmp:
+            with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=out_dir) as tmp:
                 vocab = Path(tmp) / "tokenizer.bin"
                 _synthetic_vocab(vocab, model.cfg.vocab_size)
                 info = {"kind": "char", "bos_id": -1, "eos_id": -1, "add_bos": False}
-                export_model(model, info, vocab, path, dtype=dtype, quant=q)
+                mine = export_model(model, info, vocab, Path(tmp) / "artifact", dtype=dtype, quant=q)
+                try:  # another run may have put the same artifact there meanwhile: keep that one
+                    mine.rename(path)
+                except OSError:
+                    if not path.exists():
+                        raise
         found.append((name, path))
     return found
 
