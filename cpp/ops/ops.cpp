@@ -44,40 +44,37 @@ std::string cat(const Args&... args) {
 constexpr int64_t kMaxGemvRows = 4;
 constexpr int64_t kMaxGemvRowsInt8 = 64;
 
+// The registered op `name`, typed as Sig, for calling through the dispatcher (so that each
+// device's kernel runs).
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
 at::Tensor call_linear(const at::Tensor& x, const at::Tensor& w, const OptTensor& scales,
                        const OptTensor& residual) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("babyrt::linear", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&,
-                                         const OptTensor&)>();
+  static auto op = find_op<decltype(call_linear)>("babyrt::linear");
   return op.call(x, w, scales, residual);
 }
 
 at::Tensor call_attention(const at::Tensor& qkv, const at::Tensor& positions, const OptTensor& cos,
                           const OptTensor& sin, at::Tensor& k_cache, at::Tensor& v_cache, int64_t H,
                           int64_t KV) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("babyrt::attention", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&,
-                                         const OptTensor&, at::Tensor&, at::Tensor&, int64_t, int64_t)>();
+  static auto op = find_op<decltype(call_attention)>("babyrt::attention");
   return op.call(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
 }
 
 at::Tensor call_rmsnorm_linear(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
                                const at::Tensor& w, const OptTensor& scales) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("babyrt::rmsnorm_linear", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
-                                         const OptTensor&, std::optional<at::ScalarType>)>();
+  static auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
+                                      const OptTensor&, std::optional<at::ScalarType>)>(
+      "babyrt::rmsnorm_linear");
   return op.call(x, norm_weight, eps, w, scales, std::nullopt);
 }
 
 at::Tensor call_swiglu_linear(const at::Tensor& gate_up, const at::Tensor& w, const OptTensor& scales,
                               const OptTensor& residual) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("babyrt::swiglu_linear", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&,
-                                         const OptTensor&)>();
+  static auto op = find_op<decltype(call_swiglu_linear)>("babyrt::swiglu_linear");
   return op.call(gate_up, w, scales, residual);
 }
 
@@ -85,11 +82,7 @@ at::Tensor call_attention_linear(const at::Tensor& qkv, const at::Tensor& positi
                                  const OptTensor& cos, const OptTensor& sin, at::Tensor& k_cache,
                                  at::Tensor& v_cache, int64_t H, int64_t KV, const at::Tensor& w,
                                  const OptTensor& scales, const OptTensor& residual) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("babyrt::attention_linear", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&,
-                                         const OptTensor&, at::Tensor&, at::Tensor&, int64_t, int64_t,
-                                         const at::Tensor&, const OptTensor&, const OptTensor&)>();
+  static auto op = find_op<decltype(call_attention_linear)>("babyrt::attention_linear");
   return op.call(qkv, positions, cos, sin, k_cache, v_cache, H, KV, w, scales, residual);
 }
 
