@@ -117,6 +117,13 @@ def test_sp_vocab_too_large_for_corpus(tmp_path):
     assert r.returncode == 1 and "sentencepiece could not train" in r.stderr, r.stderr
 
 
+def test_bench_rejects_a_cache_dir_that_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    r = run_cli("babyrt", "bench", "--shape", "stories15M", "--no-peers", "--cache-dir", f)
+    assert r.returncode == 1 and "babyrt: error:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_export_rejects_missing_checkpoint(tmp_path):
     r = run_cli("babyrt", "export", tmp_path, "--out", tmp_path / "art")
     assert r.returncode == 1 and "not a checkpoint directory" in r.stderr

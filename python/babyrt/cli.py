@@ -243,7 +243,7 @@ def main(argv=None) -> int:
 
     try:
         args.func(args)
-    except (Error, DataError, TokenizerError, ValueError, FileNotFoundError) as e:
+    except (Error, DataError, TokenizerError, ValueError, OSError) as e:  # OSError: a bad path
         print(f"babyrt: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
