@@ -192,6 +192,9 @@ struct GemvArgs {
   // 2 hidden) and y is [M, hidden] of silu(gate) * up (ffn_block). The kernel then takes the
   // rows in the order gate 0, up 0, gate 1, up 1, ... so that a pair shares a warp's group.
   int pair_half = 0;
+  // gemv_kernel: bytes of W (from the start of each half, with pair_half) that its blocks
+  // prefetch into L2 before their PDL wait (prefetch_l2_share). 0: none.
+  int64_t l2_prefetch = 0;
 };
 
 // Shared memory the GEMV stages act(x) in: as T for float weights; as int8 with one fp32 scale
@@ -440,6 +443,20 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
 #endif
 }
 // 16 bytes from global src to shared dst, asynchronously (complete after cp_async_wait_all).
+// This block's share of bytes [0, bytes) from base, prefetched into L2 by the bulk-copy engine
+// (no registers, nothing to wait for): the blocks of the grid split the range evenly, in pieces
+// of up to 16 KB, one a thread.
+__device__ __forceinline__ void prefetch_l2_share(const void* base, int64_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int64_t kPiece = 16 << 10;
+  const int64_t share = ((bytes + gridDim.x - 1) / gridDim.x + 15) / 16 * 16;
+  const int64_t begin = blockIdx.x * share, end = min(bytes / 16 * 16, begin + share);
+  for (int64_t o = begin + threadIdx.x * kPiece; o < end; o += static_cast<int64_t>(blockDim.x) * kPiece)
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"
+                 ::"l"(static_cast<const char*>(base) + o), "r"(static_cast<uint32_t>(min(kPiece, end - o)))
+                 : "memory");
+#endif
+}
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_address(dst)), "l"(src) : "memory");

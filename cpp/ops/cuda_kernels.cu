@@ -117,6 +117,11 @@ __global__ void __launch_bounds__(kWarps * 32, kB <= kLongRowBatch ? 3 : 2) gemv
   // The first weights before waiting: no kernel writes them, so these loads overlap the tail
   // of the previous kernel.
   load_batch(row_of(0), col);
+  if (a.l2_prefetch) {  // and more of them into L2 (BABYRT_L2_PREFETCH_MB, see launch_gemv_grid)
+    const char* w = static_cast<const char*>(a.w);
+    prefetch_l2_share(w, a.l2_prefetch);
+    if constexpr (kPair) prefetch_l2_share(w + static_cast<int64_t>(a.pair_half) * a.K * sizeof(W), a.l2_prefetch);
+  }
   wait_for_inputs();
   allow_next_launch();  // only after the wait: see attention_decode_kernel
   // The first row's residual now (see early_residual; rmsnorm_linear has none).
@@ -503,6 +508,12 @@ bool launch_gemv_grid(GemvArgs a, bool one_round) {
   if (kPair && a.row_lanes > 16) a.row_lanes = 16;  // a group of rows holds a whole pair
   a.rows_per_warp = static_cast<int>(rows_per_warp(a.row_lanes));
   if (one_round && a.rows_per_warp > 1) return false;
+  // BABYRT_L2_PREFETCH_MB=n (opt-in, not yet measured): the blocks prefetch W's first n MB into
+  // L2 (of each half, for pairs) before their PDL wait, so that HBM streams this GEMV's weights
+  // while the kernel before it (attention, or a GEMV's tail) leaves it idle.
+  static const int64_t prefetch_mb = env_count("BABYRT_L2_PREFETCH_MB");
+  const int64_t w_bytes = static_cast<int64_t>(a.N) * a.K * static_cast<int64_t>(sizeof(W));
+  a.l2_prefetch = std::min(prefetch_mb << 20, kPair ? w_bytes / 2 : w_bytes);
   if constexpr (sizeof(W) == 1 && !kRowScale && kB == kBatch) {
     // Per-channel int8 rows that take a warp more than one round trip to HBM: one scale load a
     // batch, not kB (H200: 2048x5632 5.30 -> 4.96 us, 11264x2048 7.74 -> 7.42). Rows of one
