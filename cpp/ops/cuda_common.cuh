@@ -192,9 +192,6 @@ struct GemvArgs {
   // 2 hidden) and y is [M, hidden] of silu(gate) * up (ffn_block). The kernel then takes the
   // rows in the order gate 0, up 0, gate 1, up 1, ... so that a pair shares a warp's group.
   int pair_half = 0;
-  // gemv_kernel: bytes of W (from the start of each half, with pair_half) that its blocks
-  // prefetch into L2 before their PDL wait (prefetch_l2_share). 0: none.
-  int64_t l2_prefetch = 0;
 };
 
 // Shared memory the GEMV stages act(x) in: as T for float weights; as int8 with one fp32 scale
@@ -578,6 +575,10 @@ struct AttnArgs {
   int H, KV, D, S, P;
   int early_slots;  // attention_decode_kernel: K and V rows it copies before its PDL wait (0: none)
   int k_stride;     // elements from one copied K row to the next: D, or more to spread the banks
+  // attention_decode_kernel: bytes that the next kernel reads (the wo GEMV's weights), which
+  // its blocks prefetch into L2 (prefetch_l2_share), or null.
+  const void* prefetch = nullptr;
+  int64_t prefetch_bytes = 0;
 };
 
 // What an attention kernel read before its PDL wait: the sequence's position p (-1: nothing),

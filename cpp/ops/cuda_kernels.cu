@@ -117,11 +117,6 @@ __global__ void __launch_bounds__(kWarps * 32, kB <= kLongRowBatch ? 3 : 2) gemv
   // The first weights before waiting: no kernel writes them, so these loads overlap the tail
   // of the previous kernel.
   load_batch(row_of(0), col);
-  if (a.l2_prefetch) {  // and more of them into L2 (BABYRT_L2_PREFETCH_MB, see launch_gemv_grid)
-    const char* w = static_cast<const char*>(a.w);
-    prefetch_l2_share(w, a.l2_prefetch);
-    if constexpr (kPair) prefetch_l2_share(w + static_cast<int64_t>(a.pair_half) * a.K * sizeof(W), a.l2_prefetch);
-  }
   wait_for_inputs();
   allow_next_launch();  // only after the wait: see attention_decode_kernel
   // The first row's residual now (see early_residual; rmsnorm_linear has none).
@@ -508,12 +503,6 @@ bool launch_gemv_grid(GemvArgs a, bool one_round) {
   if (kPair && a.row_lanes > 16) a.row_lanes = 16;  // a group of rows holds a whole pair
   a.rows_per_warp = static_cast<int>(rows_per_warp(a.row_lanes));
   if (one_round && a.rows_per_warp > 1) return false;
-  // BABYRT_L2_PREFETCH_MB=n (opt-in, not yet measured): the blocks prefetch W's first n MB into
-  // L2 (of each half, for pairs) before their PDL wait, so that HBM streams this GEMV's weights
-  // while the kernel before it (attention, or a GEMV's tail) leaves it idle.
-  static const int64_t prefetch_mb = env_count("BABYRT_L2_PREFETCH_MB");
-  const int64_t w_bytes = static_cast<int64_t>(a.N) * a.K * static_cast<int64_t>(sizeof(W));
-  a.l2_prefetch = std::min(prefetch_mb << 20, kPair ? w_bytes / 2 : w_bytes);
   if constexpr (sizeof(W) == 1 && !kRowScale && kB == kBatch) {
     // Per-channel int8 rows that take a warp more than one round trip to HBM: one scale load a
     // batch, not kB (H200: 2048x5632 5.30 -> 4.96 us, 11264x2048 7.74 -> 7.42). Rows of one
@@ -747,6 +736,7 @@ __global__ void __launch_bounds__(kAttnThreads, 3) attention_decode_kernel(AttnA
   const int half = a.D / 2;
   if (a.cos && p >= 0 && p < a.P && threadIdx.x < half)
     early = EarlyReads{p, true, a.cos[p * half + threadIdx.x], a.sin[p * half + threadIdx.x]};
+  if (a.prefetch && blockIdx.y == 0) prefetch_l2_share(a.prefetch, a.prefetch_bytes);
   allow_next_launch();
   wait_for_inputs();
   cp_async_wait_all();  // attend's first sync publishes all the copies
@@ -928,9 +918,10 @@ bool attention_fits(AttnKernel kind, const at::Tensor& qkv, const at::Tensor& po
          aligned16(k_cache) && aligned16(v_cache);
 }
 
+// prefetch: null, or the weights of the kernel after this one (see AttnArgs::prefetch).
 at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, const OptTensor& cos,
                           const OptTensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
-                          int64_t H, int64_t KV) {
+                          int64_t H, int64_t KV, const at::Tensor* prefetch) {
   check_attention(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
   const int64_t B = qkv.size(0), D = k_cache.size(3), S = k_cache.size(2);
   const auto dt = qkv.scalar_type();
@@ -960,9 +951,19 @@ at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, co
                v_cache.mutable_data_ptr(), out.mutable_data_ptr(), static_cast<int>(H),
                static_cast<int>(KV), static_cast<int>(D), static_cast<int>(S),
                cos ? static_cast<int>(cos->size(0)) : 0, early_slots, static_cast<int>(k_stride)};
+    if (prefetch && prefetch->is_contiguous() && aligned16(*prefetch)) {
+      a.prefetch = prefetch->const_data_ptr();
+      a.prefetch_bytes = prefetch->numel() * prefetch->element_size();
+    }
     launch(kernel, dim3(H, B), dim3(kAttnThreads), smem, a);
   });
   return out;
+}
+
+at::Tensor attention_op_cuda(const at::Tensor& qkv, const at::Tensor& positions, const OptTensor& cos,
+                             const OptTensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                             int64_t H, int64_t KV) {
+  return attention_cuda(qkv, positions, cos, sin, k_cache, v_cache, H, KV, nullptr);
 }
 
 // Launches attention_linear_kernel; false where its clusters cannot run (nothing launched).
@@ -1083,7 +1084,10 @@ at::Tensor attention_linear_cuda(const at::Tensor& qkv, const at::Tensor& positi
     });
   }
   if (done) return out;
-  at::Tensor y = attention_cuda(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
+  // BABYRT_ATTN_PREFETCH=1 (opt-in, not yet measured): attention's blocks prefetch the wo GEMV's
+  // weights into L2, so that HBM, idle while attention waits on L2 round trips, streams them.
+  static const bool prefetch = env_is("BABYRT_ATTN_PREFETCH", "1");
+  at::Tensor y = attention_cuda(qkv, positions, cos, sin, k_cache, v_cache, H, KV, prefetch ? &w : nullptr);
   return linear_cuda(y, w, scales, residual);
 }
 
@@ -1248,7 +1252,7 @@ TORCH_LIBRARY_IMPL(babyrt, CUDA, m) {
   m.impl("linear", linear_cuda);
   m.impl("rmsnorm_linear", rmsnorm_linear_cuda);
   m.impl("swiglu_linear", swiglu_linear_cuda);
-  m.impl("attention", attention_cuda);
+  m.impl("attention", attention_op_cuda);
   m.impl("attention_linear", attention_linear_cuda);
   m.impl("ffn_block", ffn_block_cuda);
   m.impl("greedy_advance", greedy_advance_cuda);
