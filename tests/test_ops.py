@@ -104,8 +104,7 @@ def test_cuda_linear_large_shapes(M, N, K, weights):
 
 # Opt-in CUDA switches: each reruns tests in subprocesses under its setting (below). Under any
 # of them those tests skip, so that no rerun starts reruns of its own.
-CUDA_SWITCHES = ("BABYRT_GEMV", "BABYRT_GEMV_SM_BLOCKS", "BABYRT_ATTN_LINEAR", "BABYRT_FFN_FUSED",
-                 "BABYRT_ATTN_PREFETCH")
+CUDA_SWITCHES = ("BABYRT_GEMV", "BABYRT_ATTN_LINEAR", "BABYRT_FFN_FUSED")
 UNDER_A_SWITCH = pytest.mark.skipif(any(os.environ.get(s) for s in CUDA_SWITCHES),
                                     reason="already running under an opt-in switch")
 GEMV_TESTS = [(Path(__file__), "cuda and (linear or fused)")]
@@ -119,10 +118,8 @@ def op_and_generation_tests(op_tests: str) -> list:
 
 RERUNS = {  # setting: the (file, -k selection) pairs it reruns
     "BABYRT_GEMV=stream": GEMV_TESTS, "BABYRT_GEMV=wide": GEMV_TESTS, "BABYRT_GEMV=regs": GEMV_TESTS,
-    "BABYRT_GEMV=fit": GEMV_TESTS, "BABYRT_GEMV_SM_BLOCKS=1": GEMV_TESTS,
     "BABYRT_ATTN_LINEAR=1": op_and_generation_tests("attention_linear"),
     "BABYRT_FFN_FUSED=0": op_and_generation_tests("ffn_block"),
-    "BABYRT_ATTN_PREFETCH=1": op_and_generation_tests("cuda and attention"),
 }
 
 
@@ -155,15 +152,12 @@ def rerun(setting: str, id: str):
 @NEEDS_CUDA
 @UNDER_A_SWITCH
 @pytest.mark.parametrize("setting", [rerun("BABYRT_GEMV=stream", "stream"), rerun("BABYRT_GEMV=wide", "wide"),
-                                     rerun("BABYRT_GEMV=regs", "regs"), rerun("BABYRT_GEMV=fit", "fit"),
-                                     rerun("BABYRT_GEMV_SM_BLOCKS=1", "sm-blocks-1")])
+                                     rerun("BABYRT_GEMV=regs", "regs")])
 def test_cuda_gemv_variant(setting, request, cuda_reruns):
     """The opt-in GEMVs pass the CUDA linear tests too. BABYRT_GEMV=stream: the streamed GEMV
     (bulk copies into a shared-memory ring) for int8 weights from 2 MB on Hopper; =wide: 16
     chunks a lane at 2 blocks an SM for int8 rows of 9 to 16 chunks a lane; =regs: the register
-    kernel for the per-channel int8 rows that the row-buffer kernel takes by default; =fit: the
-    register kernel's rows at as few lanes as cover them in one batch. BABYRT_GEMV_SM_BLOCKS=1:
-    the register kernel's grid sized for one block an SM (warps then take several rows)."""
+    kernel for the per-channel int8 rows that the row-buffer kernel takes by default."""
     assert_reruns_pass(request, cuda_reruns)
 
 
@@ -173,15 +167,6 @@ def test_cuda_gemv_variant(setting, request, cuda_reruns):
 def test_cuda_attention_linear_kernel(request, cuda_reruns):
     """BABYRT_ATTN_LINEAR=1 (opt-in): attention_linear as one CUDA kernel passes the op tests,
     and the CUDA generation tests (greedy parity with the CPU, batches, graphs) run through it."""
-    assert_reruns_pass(request, cuda_reruns)
-
-
-@NEEDS_CUDA
-@UNDER_A_SWITCH
-@pytest.mark.rerun("BABYRT_ATTN_PREFETCH=1")
-def test_cuda_attention_prefetch(request, cuda_reruns):
-    """BABYRT_ATTN_PREFETCH=1 (opt-in): decode attention prefetches the wo GEMV's weights into
-    L2. Results are unchanged: the attention op tests and the CUDA generation tests pass."""
     assert_reruns_pass(request, cuda_reruns)
 
 

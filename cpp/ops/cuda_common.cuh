@@ -440,20 +440,6 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
 #endif
 }
 // 16 bytes from global src to shared dst, asynchronously (complete after cp_async_wait_all).
-// This block's share of bytes [0, bytes) from base, prefetched into L2 by the bulk-copy engine
-// (no registers, nothing to wait for): the blocks of the grid split the range evenly, in pieces
-// of up to 16 KB, one a thread.
-__device__ __forceinline__ void prefetch_l2_share(const void* base, int64_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr int64_t kPiece = 16 << 10;
-  const int64_t share = ((bytes + gridDim.x - 1) / gridDim.x + 15) / 16 * 16;
-  const int64_t begin = blockIdx.x * share, end = min(bytes / 16 * 16, begin + share);
-  for (int64_t o = begin + threadIdx.x * kPiece; o < end; o += static_cast<int64_t>(blockDim.x) * kPiece)
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"
-                 ::"l"(static_cast<const char*>(base) + o), "r"(static_cast<uint32_t>(min(kPiece, end - o)))
-                 : "memory");
-#endif
-}
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_address(dst)), "l"(src) : "memory");
@@ -575,10 +561,6 @@ struct AttnArgs {
   int H, KV, D, S, P;
   int early_slots;  // attention_decode_kernel: K and V rows it copies before its PDL wait (0: none)
   int k_stride;     // elements from one copied K row to the next: D, or more to spread the banks
-  // attention_decode_kernel: bytes that the next kernel reads (the wo GEMV's weights), which
-  // its blocks prefetch into L2 (prefetch_l2_share), or null.
-  const void* prefetch = nullptr;
-  int64_t prefetch_bytes = 0;
 };
 
 // What an attention kernel read before its PDL wait: the sequence's position p (-1: nothing),

@@ -476,12 +476,10 @@ bool launch_gemv_grid(GemvArgs a, bool one_round) {
   static const KernelRoom room = kernel_room(kernel, [](int optin, int fixed) { return optin - fixed; });
   if (smem > static_cast<size_t>(room.smem) / 2) return false;  // two blocks per SM at least
   const int per_sm = blocks_per_sm(reinterpret_cast<const void*>(kernel), kWarps * 32, smem);
-  // As many blocks as fit at once (measured on the H200 in the fifth session, before
-  // attention copied its K and V rows early: capping them at 2 or 1 per SM, so that the next
-  // kernel's blocks could start early under PDL, was slower). BABYRT_GEMV_SM_BLOCKS=N (to
-  // measure that again) sizes the grid for at most N blocks an SM.
-  static const int cap = env_count("BABYRT_GEMV_SM_BLOCKS");
-  const int64_t resident = std::max(cap ? std::min(per_sm, cap) : per_sm, 1) * static_cast<int64_t>(room.sms);
+  // As many blocks as fit at once. Capping them at 2 or 1 per SM, so that the next kernel's
+  // blocks could start early under PDL, was slower on the H200 (fifth session; again in the
+  // seventeenth at 2 an SM: stories110M bf16 4,458 -> 4,338 tok/s, 1B 1,131 -> 994).
+  const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * room.sms;
   const int chunks = a.K / (16 / static_cast<int>(sizeof(W)));
   // Blocks if each warp took one group of 32 / lanes rows, and the groups each warp then takes.
   auto row_groups = [&](int lanes) { return (a.N + kWarps * (32 / lanes) - 1) / (kWarps * (32 / lanes)); };
@@ -489,15 +487,10 @@ bool launch_gemv_grid(GemvArgs a, bool one_round) {
   // Fewer lanes a row (down to 4) while a warp has more than one group of rows to take and
   // half the lanes still cover a row in one batch.
   a.row_lanes = 32;
-  // BABYRT_GEMV=fit (opt-in, not yet measured): first as few lanes as cover a row in one batch,
-  // whatever the grid. By default a grid that fits at once keeps 32 lanes a row, so that short
-  // rows leave most of a lane's kB chunk slots empty (stories110M's 768-wide bf16 rows: 3 of 8)
-  // and the grid fills every SM (288 blocks for its QKV; 144 at 16 lanes a row, with as many
-  // bytes in flight), which may be what keeps attention's blocks from starting early after a
-  // bf16 QKV GEMV (docs/cuda-decode.md, "Sixteenth session").
-  static const bool fit = env_is("BABYRT_GEMV", "fit");
-  if (fit)
-    while (a.row_lanes > 4 && chunks <= (a.row_lanes / 2) * kB) a.row_lanes /= 2;
+  // A grid that fits at once keeps 32 lanes a row, though short rows then leave most of a
+  // lane's kB chunk slots empty (stories110M's 768-wide bf16 rows: 3 of 8). As few lanes as
+  // cover a row in one batch (its QKV in 144 blocks, not 288) was no faster (H200, seventeenth
+  // session: stories110M bf16 4,458 -> 4,363 tok/s, int8 5,714 -> 5,774, 1B unchanged).
   while (a.row_lanes > 4 && rows_per_warp(a.row_lanes) > 1 && chunks <= (a.row_lanes / 2) * kB)
     a.row_lanes /= 2;
   if (kPair && a.row_lanes > 16) a.row_lanes = 16;  // a group of rows holds a whole pair
@@ -736,7 +729,6 @@ __global__ void __launch_bounds__(kAttnThreads, 3) attention_decode_kernel(AttnA
   const int half = a.D / 2;
   if (a.cos && p >= 0 && p < a.P && threadIdx.x < half)
     early = EarlyReads{p, true, a.cos[p * half + threadIdx.x], a.sin[p * half + threadIdx.x]};
-  if (a.prefetch && blockIdx.y == 0) prefetch_l2_share(a.prefetch, a.prefetch_bytes);
   allow_next_launch();
   wait_for_inputs();
   cp_async_wait_all();  // attend's first sync publishes all the copies
@@ -918,10 +910,9 @@ bool attention_fits(AttnKernel kind, const at::Tensor& qkv, const at::Tensor& po
          aligned16(k_cache) && aligned16(v_cache);
 }
 
-// prefetch: null, or the weights of the kernel after this one (see AttnArgs::prefetch).
 at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, const OptTensor& cos,
                           const OptTensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
-                          int64_t H, int64_t KV, const at::Tensor* prefetch) {
+                          int64_t H, int64_t KV) {
   check_attention(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
   const int64_t B = qkv.size(0), D = k_cache.size(3), S = k_cache.size(2);
   const auto dt = qkv.scalar_type();
@@ -951,19 +942,9 @@ at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, co
                v_cache.mutable_data_ptr(), out.mutable_data_ptr(), static_cast<int>(H),
                static_cast<int>(KV), static_cast<int>(D), static_cast<int>(S),
                cos ? static_cast<int>(cos->size(0)) : 0, early_slots, static_cast<int>(k_stride)};
-    if (prefetch && prefetch->is_contiguous() && aligned16(*prefetch)) {
-      a.prefetch = prefetch->const_data_ptr();
-      a.prefetch_bytes = prefetch->numel() * prefetch->element_size();
-    }
     launch(kernel, dim3(H, B), dim3(kAttnThreads), smem, a);
   });
   return out;
-}
-
-at::Tensor attention_op_cuda(const at::Tensor& qkv, const at::Tensor& positions, const OptTensor& cos,
-                             const OptTensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
-                             int64_t H, int64_t KV) {
-  return attention_cuda(qkv, positions, cos, sin, k_cache, v_cache, H, KV, nullptr);
 }
 
 // Launches attention_linear_kernel; false where its clusters cannot run (nothing launched).
@@ -1084,10 +1065,7 @@ at::Tensor attention_linear_cuda(const at::Tensor& qkv, const at::Tensor& positi
     });
   }
   if (done) return out;
-  // BABYRT_ATTN_PREFETCH=1 (opt-in, not yet measured): attention's blocks prefetch the wo GEMV's
-  // weights into L2, so that HBM, idle while attention waits on L2 round trips, streams them.
-  static const bool prefetch = env_is("BABYRT_ATTN_PREFETCH", "1");
-  at::Tensor y = attention_cuda(qkv, positions, cos, sin, k_cache, v_cache, H, KV, prefetch ? &w : nullptr);
+  at::Tensor y = attention_cuda(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
   return linear_cuda(y, w, scales, residual);
 }
 
@@ -1252,7 +1230,7 @@ TORCH_LIBRARY_IMPL(babyrt, CUDA, m) {
   m.impl("linear", linear_cuda);
   m.impl("rmsnorm_linear", rmsnorm_linear_cuda);
   m.impl("swiglu_linear", swiglu_linear_cuda);
-  m.impl("attention", attention_op_cuda);
+  m.impl("attention", attention_cuda);
   m.impl("attention_linear", attention_linear_cuda);
   m.impl("ffn_block", ffn_block_cuda);
   m.impl("greedy_advance", greedy_advance_cuda);
