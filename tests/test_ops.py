@@ -104,7 +104,7 @@ def test_cuda_linear_large_shapes(M, N, K, weights):
 
 # Opt-in CUDA switches: each reruns tests in subprocesses under its setting (below). Under any
 # of them those tests skip, so that no rerun starts reruns of its own.
-CUDA_SWITCHES = ("BABYRT_GEMV", "BABYRT_ATTN_LINEAR", "BABYRT_FFN_FUSED", "BABYRT_PDL_EARLY")
+CUDA_SWITCHES = ("BABYRT_GEMV", "BABYRT_ATTN_LINEAR", "BABYRT_FFN_FUSED")
 UNDER_A_SWITCH = pytest.mark.skipif(any(os.environ.get(s) for s in CUDA_SWITCHES),
                                     reason="already running under an opt-in switch")
 GEMV_TESTS = [(Path(__file__), "cuda and (linear or fused)")]
@@ -120,7 +120,6 @@ RERUNS = {  # setting: the (file, -k selection) pairs it reruns
     "BABYRT_GEMV=stream": GEMV_TESTS, "BABYRT_GEMV=wide": GEMV_TESTS, "BABYRT_GEMV=regs": GEMV_TESTS,
     "BABYRT_ATTN_LINEAR=1": op_and_generation_tests("attention_linear"),
     "BABYRT_FFN_FUSED=0": op_and_generation_tests("ffn_block"),
-    "BABYRT_PDL_EARLY=1": op_and_generation_tests("cuda and (attention or embedding)"),
 }
 
 
@@ -168,17 +167,6 @@ def test_cuda_gemv_variant(setting, request, cuda_reruns):
 def test_cuda_attention_linear_kernel(request, cuda_reruns):
     """BABYRT_ATTN_LINEAR=1 (opt-in): attention_linear as one CUDA kernel passes the op tests,
     and the CUDA generation tests (greedy parity with the CPU, batches, graphs) run through it."""
-    assert_reruns_pass(request, cuda_reruns)
-
-
-@NEEDS_CUDA
-@UNDER_A_SWITCH
-@pytest.mark.rerun("BABYRT_PDL_EARLY=1")
-def test_cuda_pdl_early(request, cuda_reruns):
-    """BABYRT_PDL_EARLY=1 (opt-in): attention_block's QKV GEMV lets attention launch before its
-    own PDL wait, and the embedding only after its wait. The attention and embedding op tests
-    pass, and the CUDA generation tests (greedy parity with the CPU, batches, graphs: many
-    steps, where a stale position or cache row would show) give the same tokens."""
     assert_reruns_pass(request, cuda_reruns)
 
 

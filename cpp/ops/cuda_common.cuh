@@ -192,8 +192,6 @@ struct GemvArgs {
   // 2 hidden) and y is [M, hidden] of silu(gate) * up (ffn_block). The kernel then takes the
   // rows in the order gate 0, up 0, gate 1, up 1, ... so that a pair shares a warp's group.
   int pair_half = 0;
-  // Let the next kernel launch before this one's PDL wait, not after it (attention_block_cuda).
-  bool trigger_early = false;
 };
 
 // Shared memory the GEMV stages act(x) in: as T for float weights; as int8 with one fp32 scale

@@ -117,9 +117,8 @@ __global__ void __launch_bounds__(kWarps * 32, kB <= kLongRowBatch ? 3 : 2) gemv
   // The first weights before waiting: no kernel writes them, so these loads overlap the tail
   // of the previous kernel.
   load_batch(row_of(0), col);
-  if (a.trigger_early) allow_next_launch();  // see attention_block_cuda
   wait_for_inputs();
-  if (!a.trigger_early) allow_next_launch();  // only after the wait: see attention_decode_kernel
+  allow_next_launch();  // only after the wait: see attention_decode_kernel
   // The first row's residual now (see early_residual; rmsnorm_linear has none).
   const bool early_res = kAct != Act::kRmsNorm && a.M == 1;
   const float res0 = early_res && col == 0 ? early_residual<T>(a, 0, row_of(0)) : 0.f;
@@ -393,9 +392,8 @@ __global__ void __launch_bounds__(kWarps * 32, 4) gemv_rowbuf_kernel(GemvArgs a)
   }
   // Lane r holds row r's scale.
   const float scale = lane < R && n0 + lane < a.N ? to_float(static_cast<const S*>(a.scales)[w_row(n0 + lane)]) : 0.f;
-  if (a.trigger_early) allow_next_launch();  // see attention_block_cuda
   wait_for_inputs();
-  if (!a.trigger_early) allow_next_launch();  // only after the wait: see attention_decode_kernel
+  allow_next_launch();  // only after the wait: see attention_decode_kernel
   // Lane r holds row r's residual (see early_residual).
   const float res = lane < R ? early_residual<T>(a, 0, n0 + lane) : 0.f;
   stage_block<T, int8_t, kAct>(a, smem);
@@ -558,7 +556,7 @@ bool launch_gemv(GemvArgs a) {
 // [M, hidden] of silu(gate) * up (GemvArgs::pair_half).
 bool try_gemv(Act act, const at::Tensor& x, const at::Tensor& w, const OptTensor& scales,
               const at::Tensor* norm, double eps, const OptTensor& residual, at::Tensor& y,
-              int64_t pair_half = 0, bool trigger_early = false) {
+              int64_t pair_half = 0) {
   const int64_t K = w.size(1), N = w.size(0), y_cols = pair_half ? pair_half : N;
   const int64_t M = x.numel() / x.size(-1);
   if (M < 1 || M > kMaxGemvRows || N == 0 || K == 0 || K >= (int64_t{1} << 30) ||
@@ -600,7 +598,7 @@ bool try_gemv(Act act, const at::Tensor& x, const at::Tensor& w, const OptTensor
         static_cast<char*>(y.mutable_data_ptr()) + m0 * y_cols * y.element_size(),
         static_cast<float>(eps), static_cast<int>(rows), static_cast<int>(N),
         static_cast<int>(K), static_cast<int>(group), 1, 0, 32,
-        y.scalar_type() == at::kFloat && T != at::kFloat, static_cast<int>(pair_half), trigger_early};
+        y.scalar_type() == at::kFloat && T != at::kFloat, static_cast<int>(pair_half)};
     dispatch_float(T, [&](auto ttag) {
       using CT = decltype(ttag);
       auto run = [&](auto wtag, auto stag) {
@@ -1071,49 +1069,16 @@ at::Tensor attention_linear_cuda(const at::Tensor& qkv, const at::Tensor& positi
   return linear_cuda(y, w, scales, residual);
 }
 
-// BABYRT_PDL_EARLY=1 (opt-in, not yet measured on the GPU): the QKV GEMV lets attention launch
-// before the GEMV's own PDL wait, not after it, so that attention's early K/V copy starts one
-// kernel sooner. In bf16 attention costs ~2 us more than after an int8 QKV GEMV, whose longer
-// staging gives it a head start of 2.0 us against 0.9 (stories110M, sixteenth session).
-// Safe because what attention reads before its wait (the position, its layer's K/V rows of
-// earlier steps, the RoPE tables) is written by no kernel that may still run then: the GEMV
-// before the QKV GEMV (w2, or the embedding) and the kernels before that have all passed
-// their waits. The sampler that writes the position runs before the embedding, which under
-// this switch lets the next kernel launch only after its own wait (embedding_cuda).
-// attention_linear_kernel (BABYRT_ATTN_LINEAR=1) reads the residual before its wait, so it
-// keeps the plain order.
-bool pdl_early() {
-  static const bool early = env_is("BABYRT_PDL_EARLY", "1") && !env_is("BABYRT_ATTN_LINEAR", "1");
-  return early;
-}
-
-at::Tensor attention_block_cuda(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
-                                const at::Tensor& wqkv, const OptTensor& qkv_scales,
-                                const at::Tensor& positions, const OptTensor& cos, const OptTensor& sin,
-                                at::Tensor& k_cache, at::Tensor& v_cache, int64_t H, int64_t KV,
-                                const at::Tensor& wo, const OptTensor& wo_scales) {
-  if (pdl_early() && x.numel()) {
-    check_attention_block(x, norm_weight, wqkv, qkv_scales, positions, cos, sin, k_cache, v_cache,
-                          H, KV, wo, wo_scales);
-    at::Tensor qkv = new_output(x, wqkv.size(0));
-    if (try_gemv(Act::kRmsNorm, x, wqkv, qkv_scales, &norm_weight, eps, std::nullopt, qkv, 0, true))
-      return attention_linear_cuda(qkv, positions, cos, sin, k_cache, v_cache, H, KV, wo, wo_scales, x);
-  }
-  return attention_block_unfused(x, norm_weight, eps, wqkv, qkv_scales, positions, cos, sin, k_cache,
-                                 v_cache, H, KV, wo, wo_scales);
-}
-
 // ------------------------------------------------------------------ embedding
 // One block per token: its row of W (dequantized when int8), as T. One kernel where the
 // reference takes up to four (two gathers, the dequantize and the cast).
 template <typename T, typename W, typename S>
 __global__ void __launch_bounds__(256)
     embedding_kernel(const int64_t* tokens, const W* w, const S* scales, T* out, int64_t rows,
-                     int K, int groups, bool trigger_late) {
+                     int K, int groups) {
   const int64_t t = blockIdx.x;
-  if (!trigger_late) allow_next_launch();
+  allow_next_launch();
   wait_for_inputs();  // the token ids come from the previous step
-  if (trigger_late) allow_next_launch();  // BABYRT_PDL_EARLY: see attention_block_cuda
   const int64_t id = tokens[t];
   T* o = out + t * K;
   const bool ok = id >= 0 && id < rows;  // the runtime checks ids first; stay in bounds anyway
@@ -1153,7 +1118,7 @@ at::Tensor embedding_cuda(const at::Tensor& tokens, const at::Tensor& w, const O
       launch(embedding_kernel<CT, WT, ST>, dim3(tokens.numel()), dim3(256), 0,
              tokens.const_data_ptr<int64_t>(), static_cast<const WT*>(w.const_data_ptr()),
              q8 ? static_cast<const ST*>(scales->const_data_ptr()) : nullptr,
-             static_cast<CT*>(out.mutable_data_ptr()), w.size(0), K, groups, pdl_early());
+             static_cast<CT*>(out.mutable_data_ptr()), w.size(0), K, groups);
     };
     dispatch_weights<CT>(scales, run);
   });
@@ -1267,7 +1232,6 @@ TORCH_LIBRARY_IMPL(babyrt, CUDA, m) {
   m.impl("swiglu_linear", swiglu_linear_cuda);
   m.impl("attention", attention_cuda);
   m.impl("attention_linear", attention_linear_cuda);
-  m.impl("attention_block", attention_block_cuda);
   m.impl("ffn_block", ffn_block_cuda);
   m.impl("greedy_advance", greedy_advance_cuda);
   m.impl("embedding", embedding_cuda);

@@ -67,11 +67,6 @@ at::Tensor decode_step_unfused(const at::Tensor& tokens, const at::Tensor& posit
                                at::TensorList weights, const c10::List<std::optional<at::Tensor>>& scales,
                                const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
                                at::Tensor& v_cache, int64_t H, int64_t KV, double eps);
-at::Tensor attention_block_unfused(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
-                                   const at::Tensor& wqkv, const OptTensor& qkv_scales,
-                                   const at::Tensor& positions, const OptTensor& cos,
-                                   const OptTensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
-                                   int64_t H, int64_t KV, const at::Tensor& wo, const OptTensor& wo_scales);
 at::Tensor ffn_block_unfused(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
                              const at::Tensor& w13, const OptTensor& w13_scales, const at::Tensor& w2,
                              const OptTensor& w2_scales);
