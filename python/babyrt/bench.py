@@ -46,16 +46,16 @@ def _source_hash() -> str:
     return h.hexdigest()[:12]
 
 
-def shape_artifacts(shape: str, context: int, dtype: str, quants: list, out_dir) -> list:
+def shape_artifacts(shape: str, context: int, dtype: str, quants: list, out_dir, model=None) -> list:
     """(name, path) of --shape's artifacts, one per quantization in quants (None: dtype
-    weights), in out_dir: exported from the random-weight model (seed 0), or found there from
-    an earlier call. A directory's name carries the shape, context, variant and a hash of
+    weights), in out_dir: exported from the random-weight model (seed 0; model, if the caller
+    has built it already), or found there from an earlier call. A directory's name carries the shape, context, variant and a hash of
     babyrt's Python source, so that a cache dir never serves a module that other code exported
     (each is exported beside it, then renamed into place: written whole or not at all, and the
     first of two runs that export it at once is the one kept)."""
     from .export import export_model
 
-    out_dir, model, found, source = Path(out_dir), None, [], _source_hash()
+    out_dir, found, source = Path(out_dir), [], _source_hash()
     out_dir.mkdir(parents=True, exist_ok=True)
     for q in quants:
         name = f"{shape} {dtype}" + (" int8" if q else "")
@@ -313,10 +313,10 @@ def bench(artifact: Optional[str] = None, shape: Optional[str] = None, device: s
         else:
             context = max(512, len(PROMPT) + new_tokens)
             quants = [None, QuantConfig(group_size=group_size)] if quantize else [None]
+            # The peers run the same weights; built once here, it also serves any export.
+            model = shape_model(shape, context) if [p for p in peers if p != "cli"] else None
             variants = [(name, path, None) for name, path in
-                        shape_artifacts(shape, context, fdtype, quants, cache_dir or tmp)]
-            if [p for p in peers if p != "cli"]:
-                model = shape_model(shape, context)  # the peers run the same weights
+                        shape_artifacts(shape, context, fdtype, quants, cache_dir or tmp, model)]
         for name, path, dt in variants:
             r = run_babyrt(path, device, dt, new_tokens, repeat)
             wb = weight_bytes(path)
