@@ -194,6 +194,12 @@ struct GemvArgs {
   int pair_half = 0;
 };
 
+// W's row for the n-th row a GEMV takes: n itself, or in pairs with kPair (gate n / 2, up n / 2).
+template <bool kPair>
+__device__ __forceinline__ int64_t weight_row(const GemvArgs& a, int n) {
+  return kPair ? (n >> 1) + static_cast<int64_t>(n & 1) * a.pair_half : n;
+}
+
 // Shared memory the GEMV stages act(x) in: as T for float weights; as int8 with one fp32 scale
 // per 16 values for int8 weights (so that the dot products run on DP4A, see below).
 template <typename T, typename W>

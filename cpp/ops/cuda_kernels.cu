@@ -98,8 +98,7 @@ __global__ void __launch_bounds__(kWarps * 32, kB <= kLongRowBatch ? 3 : 2) gemv
   int4 wv[kB];
   float sv[kRowScale ? 1 : kB];
   auto load_batch = [&](int n, int c0) {
-    // W's row for the n-th row taken: n itself, or in pairs (gate n / 2, up n / 2).
-    const int64_t w_row = kPair ? (n >> 1) + static_cast<int64_t>(n & 1) * a.pair_half : n;
+    const int64_t w_row = weight_row<kPair>(a, n);
     const int4* row = reinterpret_cast<const int4*>(static_cast<const W*>(a.w) + w_row * a.K);
     const S* srow = kQ8 ? static_cast<const S*>(a.scales) + w_row * (a.K / a.group) : nullptr;
 #pragma unroll
@@ -384,14 +383,12 @@ __global__ void __launch_bounds__(kWarps * 32, 4) gemv_rowbuf_kernel(GemvArgs a)
   // The warp's rows and scales before waiting: no kernel writes them. A lane copies the chunks
   // it later reads (lane, lane + 32, ...), so it needs only its own copies complete.
   const uint64_t policy = evict_first_policy();
-  // W's row for the n-th row taken: n itself, or in pairs (gate n / 2, up n / 2).
-  auto w_row = [&](int n) { return kPair ? (n >> 1) + static_cast<int64_t>(n & 1) * a.pair_half : n; };
   for (int r = 0; r < R && n0 + r < a.N; ++r) {
-    const int4* src = reinterpret_cast<const int4*>(static_cast<const int8_t*>(a.w) + w_row(n0 + r) * a.K);
+    const int4* src = reinterpret_cast<const int4*>(static_cast<const int8_t*>(a.w) + weight_row<kPair>(a, n0 + r) * a.K);
     for (int c = lane; c < chunks; c += 32) cp_async16(rows + r * chunks + c, src + c, policy);
   }
   // Lane r holds row r's scale.
-  const float scale = lane < R && n0 + lane < a.N ? to_float(static_cast<const S*>(a.scales)[w_row(n0 + lane)]) : 0.f;
+  const float scale = lane < R && n0 + lane < a.N ? to_float(static_cast<const S*>(a.scales)[weight_row<kPair>(a, n0 + lane)]) : 0.f;
   wait_for_inputs();
   allow_next_launch();  // only after the wait: see attention_decode_kernel
   // Lane r holds row r's residual (see early_residual).
