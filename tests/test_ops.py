@@ -447,8 +447,11 @@ def test_ops_reject_bad_shapes():
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 def test_every_cpu_kernel_variant(isa):
     """The CPU picks its best kernels; capping the ISA runs the others through the same tests."""
-    code, out = Rerun({"BABYRT_CPU_ISA": isa}, __file__,
-                      "cpu and (linear or fused or attention) or isa_cap").result()
+    run = Rerun({"BABYRT_CPU_ISA": isa}, __file__, "cpu and (linear or fused or attention) or isa_cap")
+    try:
+        code, out = run.result()
+    finally:
+        run.stop()  # its log file and temporary directory
     assert code == 0, out[-3000:]
 
 
