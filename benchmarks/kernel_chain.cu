@@ -16,6 +16,20 @@
 //               a GEMV, then a small kernel of G blocks (plain, plain with 100 KB of shared
 //               memory as attention takes, or in clusters of C blocks with a cluster barrier):
 //               what a kernel after a register-heavy GEMV costs
+//   layer      a stories110M-shaped layer of toy kernels (bf16 weights from HBM, 12 layers a graph):
+//               QKV GEMV with RMSNorm staging (288 blocks), attention over 144 slots copied to
+//               shared memory before the wait (12 blocks), wo (96), w13 (256, two rows a warp), w2
+//               (96, rows of 4 KB); each GEMV loads its rows before the PDL wait and lets the next
+//               kernel launch after it (as babyrt's), "early": before it. us a layer.
+//   persistent MODE one kernel of one block an SM running 96 dependent phases, each phase
+//               reading the whole vector the one before wrote (768 bf16, stories110M's x) and
+//               writing its block's slice of the next: the one-kernel step's floor per phase.
+//               MODE barrier: a grid barrier between phases (as cuda_decode_step.cu's
+//               GridSync), then plain loads; ll: no barrier, every value carries the phase's
+//               16-bit epoch in the same 32-bit word (NCCL's LL protocol), and readers spin
+//               until every word they read carries the epoch they expect. "gemv" variants:
+//               each phase a GEMV of 2304 rows of 768 bf16 from HBM, its block's rows loaded
+//               into registers at the phase's start, before the wait for x
 // Build: nvcc -O3 -std=c++17 -arch=sm_90a benchmarks/kernel_chain.cu -o kernel_chain
 // Run: ./kernel_chain [--no-pdl] [--carveout PERCENT]   (tools/gpu_check.sh chain: with and
 // without PDL). H200, fifteenth session (docs/cuda-decode.md has the table): a link of 132
@@ -130,6 +144,247 @@ __global__ void __launch_bounds__(kThreads, 3) gemv_kernel(const int4* w, const 
   }
   for (int o = 16; o; o /= 2) acc += __shfl_xor_sync(0xffffffff, acc, o);
   if (lane == 0) y[row % kVec] = acc * 1e-9f;
+}
+
+
+
+// ---------------------------------------------------------------- a toy stories110M layer
+#include <cuda_bf16.h>
+// C chunks a lane of each of the warp's R rows (one warp a row group, 32 lanes a row).
+template <int C, int R, bool kNorm>
+__global__ void __launch_bounds__(kThreads, 3)
+    toy_gemv(const int4* w, int N, int row_chunks, const __nv_bfloat16* x, int K, __nv_bfloat16* y, bool early) {
+  __shared__ __align__(16) __nv_bfloat16 xs[2048];
+  __shared__ float part[kThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int row0 = (blockIdx.x * (kThreads / 32) + warp) * R;
+  int4 c[R][C];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int i = 0; i < C; ++i) {
+      const int ch = i * 32 + lane;
+      c[r][i] = row0 + r < N && ch < row_chunks ? __ldcs(w + static_cast<size_t>(row0 + r) * row_chunks + ch) : make_int4(0, 0, 0, 0);
+    }
+  if (early) pdl_launch();
+  pdl_wait();
+  if (!early) pdl_launch();
+  int4 xv = make_int4(0, 0, 0, 0);
+  const bool has = threadIdx.x < K / 8;
+  if (has) xv = __ldcg(reinterpret_cast<const int4*>(x) + threadIdx.x);
+  float scale = 1.f;
+  if constexpr (kNorm) {
+    const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&xv);
+    float ss = 0.f;
+    for (int j = 0; j < 8; ++j) ss += __bfloat162float(e[j]) * __bfloat162float(e[j]);
+    for (int o = 16; o; o /= 2) ss += __shfl_xor_sync(0xffffffff, ss, o);
+    if (lane == 0) part[warp] = ss;
+    __syncthreads();
+    float t = 0.f;
+    for (int i = 0; i < kThreads / 32; ++i) t += part[i];
+    scale = rsqrtf(t / K + 1e-5f);
+  }
+  if (has) {
+    __nv_bfloat16* e = reinterpret_cast<__nv_bfloat16*>(&xv);
+    for (int j = 0; j < 8; ++j) e[j] = __float2bfloat16(__bfloat162float(e[j]) * scale);
+    reinterpret_cast<int4*>(xs)[threadIdx.x] = xv;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    float acc = 0.f;
+#pragma unroll
+    for (int i = 0; i < C; ++i) {
+      const int ch = i * 32 + lane;
+      if (ch >= row_chunks) break;
+      const int4 xc = reinterpret_cast<const int4*>(xs)[ch % (K / 8)];
+      const __nv_bfloat162* a = reinterpret_cast<const __nv_bfloat162*>(&c[r][i]);
+      const __nv_bfloat162* b = reinterpret_cast<const __nv_bfloat162*>(&xc);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 fa = __bfloat1622float2(a[j]), fb = __bfloat1622float2(b[j]);
+        acc += fa.x * fb.x + fa.y * fb.y;
+      }
+    }
+    for (int o = 16; o; o /= 2) acc += __shfl_xor_sync(0xffffffff, acc, o);
+    if (lane == 0 && row0 + r < N) y[row0 + r] = __float2bfloat16(acc * 1e-3f);
+  }
+}
+
+// Attention of one head (D 64) over kSlots slots whose K and V rows are copied into shared
+// memory before the wait; q from the QKV output; 64 outputs.
+constexpr int kSlots = 144;
+__global__ void __launch_bounds__(kThreads) toy_attention(const __nv_bfloat16* kv, const __nv_bfloat16* qkv,
+                                                         __nv_bfloat16* out, bool early) {
+  __shared__ __align__(16) __nv_bfloat16 ks[kSlots * 64], vs[kSlots * 64];
+  __shared__ float p[kSlots], q[64], red[4 * 64], stat[2];
+  const int h = blockIdx.x;
+  const int4* src = reinterpret_cast<const int4*>(kv + static_cast<size_t>(h) * 2 * kSlots * 64);
+  for (int i = threadIdx.x; i < kSlots * 8; i += kThreads) {
+    reinterpret_cast<int4*>(ks)[i] = __ldcg(src + i);
+    reinterpret_cast<int4*>(vs)[i] = __ldcg(src + kSlots * 8 + i);
+  }
+  if (early) pdl_launch();
+  pdl_wait();
+  if (!early) pdl_launch();
+  if (threadIdx.x < 64) q[threadIdx.x] = __bfloat162float(__ldcg(qkv + h * 64 + threadIdx.x));
+  __syncthreads();
+  if (threadIdx.x < kSlots) {
+    float s = 0.f;
+    for (int d = 0; d < 64; ++d) s += q[(d + threadIdx.x) % 64] * __bfloat162float(ks[threadIdx.x * 64 + (d + threadIdx.x) % 64]);
+    p[threadIdx.x] = s * 0.125f;
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float m = -1e30f;
+    for (int i = threadIdx.x; i < kSlots; i += 32) m = fmaxf(m, p[i]);
+    for (int o = 16; o; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+    float sum = 0.f;
+    for (int i = threadIdx.x; i < kSlots; i += 32) sum += __expf(p[i] - m);
+    for (int o = 16; o; o /= 2) sum += __shfl_xor_sync(0xffffffff, sum, o);
+    if (threadIdx.x == 0) stat[0] = m, stat[1] = sum;
+  }
+  __syncthreads();
+  const int d = threadIdx.x % 64, quarter = threadIdx.x / 64;
+  float acc = 0.f;
+  for (int i = quarter * (kSlots / 4); i < (quarter + 1) * (kSlots / 4); ++i)
+    acc += __expf(p[i] - stat[0]) * __bfloat162float(vs[i * 64 + d]);
+  red[quarter * 64 + d] = acc;
+  __syncthreads();
+  if (threadIdx.x < 64)
+    out[h * 64 + d] = __float2bfloat16((red[d] + red[64 + d] + red[128 + d] + red[192 + d]) / stat[1]);
+}
+
+// ---------------------------------------------------------------- persistent phases
+constexpr int kPhases = 96;   // phases a launch
+constexpr int kPVec = 768;    // 32-bit words of the vector a phase reads (768 bf16 values)
+constexpr int kPRows = 2304;  // GEMV phases: rows of 768 bf16 (1,536 bytes, 96 chunks)
+constexpr int kPRowChunks = 1536 / 16;
+constexpr int kPMaxRows = 3;  // rows a warp takes at most (18 a block over 8 warps)
+
+__device__ __forceinline__ unsigned ll_pack(float v, unsigned epoch) {
+  const unsigned bits = __float_as_uint(v) >> 16;  // bf16 by truncation: enough for timing
+  return (epoch << 16) | bits;
+}
+__device__ __forceinline__ float ll_value(unsigned w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ void st_ll(unsigned* p, unsigned w) {
+  asm volatile("st.relaxed.gpu.global.b32 [%0], %1;" ::"l"(p), "r"(w) : "memory");
+}
+__device__ __forceinline__ uint4 ld_ll4(const unsigned* p) {
+  uint4 v;
+  asm volatile("ld.relaxed.gpu.global.v4.b32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
+  return v;
+}
+
+// Grid barrier on a counter that only grows (cuda_decode_step.cu's GridSync).
+__device__ __forceinline__ void grid_barrier(unsigned long long* count, unsigned long long& target) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    target += gridDim.x;
+    asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(count) : "memory");
+    unsigned long long v;
+    do asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(count) : "memory");
+    while (v < target);
+  }
+  __syncthreads();
+}
+
+// kLL: epochs in the words (no barrier), else a grid barrier and plain words. kGemv: each phase
+// a GEMV (w: kMats matrices, phase p reads matrix p % mats), else a block sum of the vector.
+// vec: two buffers of kPRows words. state[0]: the launch count (epochs), state[8]: the barrier.
+template <bool kLL, bool kGemv>
+__global__ void __launch_bounds__(kThreads, 1)
+    persistent_kernel(const int4* w, int mats, unsigned* vec, unsigned long long* state) {
+  __shared__ float xs[kPVec];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const unsigned long long launch_count = *reinterpret_cast<volatile unsigned long long*>(state);
+  unsigned long long target = 0;
+  if (!kLL && threadIdx.x == 0) {
+    const unsigned long long per = static_cast<unsigned long long>(kPhases + 1) * gridDim.x;
+    target = *reinterpret_cast<volatile unsigned long long*>(state + 8) / per * per;
+  }
+  auto epoch = [&](int p) { return static_cast<unsigned>((launch_count * (kPhases + 1) + p + 1) & 0xffff); };
+  const int N = kGemv ? kPRows : kPVec;
+  const int r0 = N * blockIdx.x / gridDim.x, r1 = N * (blockIdx.x + 1) / gridDim.x;
+  // Phase 0's input: this block's slice of buffer 0.
+  for (int j = r0 + threadIdx.x; j < r1; j += kThreads) st_ll(vec + j, ll_pack(1e-3f * j, epoch(0)));
+  for (int p = 0; p < kPhases; ++p) {
+    const unsigned* in = vec + (p % 2) * kPRows;
+    unsigned* out = vec + ((p + 1) % 2) * kPRows;
+    int4 c[kPMaxRows][3];
+    if constexpr (kGemv) {  // this phase's rows, before the wait for x
+      const int4* m = w + static_cast<size_t>(p % mats) * kPRows * kPRowChunks;
+#pragma unroll
+      for (int r = 0; r < kPMaxRows; ++r)
+#pragma unroll
+        for (int i = 0; i < 3; ++i) {
+          const int row = r0 + warp + r * (kThreads / 32);
+          c[r][i] = row < r1 ? __ldcs(m + static_cast<size_t>(row) * kPRowChunks + i * 32 + lane) : make_int4(0, 0, 0, 0);
+        }
+    }
+    if (!kLL) grid_barrier(state + 8, target);
+    const unsigned e = epoch(p);
+    float v = 0.f;
+    if constexpr (kGemv) {  // x[k] = out[k] + out[k + 768] + out[k + 1536]: every block's rows
+      for (int k = 4 * threadIdx.x; k < kPVec; k += 4 * kThreads) xs[k] = xs[k + 1] = xs[k + 2] = xs[k + 3] = 0.f;
+      __syncthreads();
+    }
+    constexpr int kPer = ((kGemv ? kPRows : kPVec) / 4 + kThreads - 1) / kThreads;  // v4 words a thread
+    uint4 q[kPer];
+    bool ready = false;
+    while (!ready) {  // every word loaded at once, then checked (LL: again until all are current)
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        const int t = threadIdx.x + i * kThreads;
+        if (t < N / 4) q[i] = kLL ? ld_ll4(in + 4 * t) : __ldcg(reinterpret_cast<const uint4*>(in) + t);
+      }
+      ready = true;
+#pragma unroll
+      for (int i = 0; i < kPer; ++i)
+        if (kLL && threadIdx.x + i * kThreads < N / 4)
+          ready &= (q[i].x >> 16) == e && (q[i].y >> 16) == e && (q[i].z >> 16) == e && (q[i].w >> 16) == e;
+    }
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int t = threadIdx.x + i * kThreads;
+      if (t >= N / 4) break;
+      const float f[4] = {ll_value(q[i].x), ll_value(q[i].y), ll_value(q[i].z), ll_value(q[i].w)};
+      if constexpr (kGemv) {
+        for (int k = 0; k < 4; ++k) atomicAdd(&xs[(4 * t + k) % kPVec], f[k]);
+      } else {
+        v += f[0] + f[1] + f[2] + f[3];
+      }
+    }
+    const unsigned next = epoch(p + 1);
+    if constexpr (kGemv) {
+      __syncthreads();
+#pragma unroll
+      for (int r = 0; r < kPMaxRows; ++r) {
+        const int row = r0 + warp + r * (kThreads / 32);
+        float acc = 0.f;
+#pragma unroll
+        for (int i = 0; i < 3; ++i) {  // 8 bf16 weights a chunk against x
+          const unsigned* u = reinterpret_cast<const unsigned*>(&c[r][i]);
+          const float* x = xs + (i * 32 + lane) * 8;
+#pragma unroll
+          for (int k = 0; k < 4; ++k)
+            acc += __uint_as_float(u[k] << 16) * x[2 * k] + __uint_as_float(u[k] & 0xffff0000u) * x[2 * k + 1];
+        }
+        for (int o = 16; o; o /= 2) acc += __shfl_xor_sync(0xffffffff, acc, o);
+        if (lane == 0 && row < r1) st_ll(out + row, ll_pack(acc * 1e-6f, next));
+      }
+      __syncthreads();  // xs is rewritten next phase
+    } else {
+      const float s = block_sum(v) * 1e-3f;
+      for (int j = r0 + threadIdx.x; j < r1; j += kThreads) st_ll(out + j, ll_pack(s + j, next));
+    }
+  }
+  if (!kLL) grid_barrier(state + 8, target);  // as many barriers a launch as phases + 1
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    // Every block has read the launch count: block 0's last phase read every block's writes.
+    asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(state), "l"(launch_count + 1) : "memory");
+  }
 }
 
 constexpr int kBigSmem = 100 * 1024;
@@ -271,6 +526,76 @@ int main(int argc, char** argv) {
                     else launch(cluster_kernel, grid, cluster, s, vb, va);
                   }));
     }
+  }
+  // A toy stories110M layer: us a layer (12 layers a graph), GEMVs letting the next kernel
+  // launch after their wait (babyrt) and before it.
+  {
+    constexpr int kLayers = 12, kDim = 768, kHidden = 2048;
+    const size_t qkv_b = 2304ull * 1536, wo_b = 768ull * 1536, w13_b = 4096ull * 1536, w2_b = 768ull * 4096;
+    const size_t layer_b = qkv_b + wo_b + w13_b + w2_b;
+    char* lw;
+    CHECK(cudaMalloc(&lw, layer_b * kLayers));
+    CHECK(cudaMemset(lw, 0, layer_b * kLayers));
+    __nv_bfloat16 *h, *qkv, *attn, *gu, *kv;
+    CHECK(cudaMalloc(&h, kDim * 2));
+    CHECK(cudaMalloc(&qkv, 2304 * 2));
+    CHECK(cudaMalloc(&attn, kDim * 2));
+    CHECK(cudaMalloc(&gu, 2 * kHidden * 2));
+    CHECK(cudaMalloc(&kv, static_cast<size_t>(kLayers) * 12 * 2 * kSlots * 64 * 2));
+    CHECK(cudaMemset(h, 0, kDim * 2));
+    CHECK(cudaMemset(qkv, 0, 2304 * 2));
+    CHECK(cudaMemset(attn, 0, kDim * 2));
+    CHECK(cudaMemset(gu, 0, 2 * kHidden * 2));
+    CHECK(cudaMemset(kv, 0, static_cast<size_t>(kLayers) * 12 * 2 * kSlots * 64 * 2));
+    // Which kernels let the next launch before their wait: bit 1 QKV, 2 attention, 4 wo, 8 w13,
+    // 16 w2. babyrt: 2 (attention only; its GEMVs after their wait).
+    for (int mask : {2, 0, 29, 31, 30, 28, 26, 24, 16, 8, 4}) {
+      const double us = time_chain(5 * kLayers, [&](int i, cudaStream_t s) {
+        const int l = i / 5;
+        const char* base = lw + l * layer_b;
+        const int4* wq = reinterpret_cast<const int4*>(base);
+        const int4* wo = reinterpret_cast<const int4*>(base + qkv_b);
+        const int4* w13 = reinterpret_cast<const int4*>(base + qkv_b + wo_b);
+        const int4* w2 = reinterpret_cast<const int4*>(base + qkv_b + wo_b + w13_b);
+        const bool early = mask >> (i % 5) & 1;
+        switch (i % 5) {
+          case 0: launch(toy_gemv<3, 1, true>, 288, 1, s, wq, 2304, 96, static_cast<const __nv_bfloat16*>(h), kDim, qkv, early); break;
+          case 1: launch(toy_attention, 12, 1, s, static_cast<const __nv_bfloat16*>(kv + static_cast<size_t>(l) * 12 * 2 * kSlots * 64),
+                         static_cast<const __nv_bfloat16*>(qkv), attn, early); break;
+          case 2: launch(toy_gemv<3, 1, false>, 96, 1, s, wo, kDim, 96, static_cast<const __nv_bfloat16*>(attn), kDim, h, early); break;
+          case 3: launch(toy_gemv<3, 2, true>, 256, 1, s, w13, 4096, 96, static_cast<const __nv_bfloat16*>(h), kDim, gu, early); break;
+          default: launch(toy_gemv<8, 1, false>, 96, 1, s, w2, kDim, 256, static_cast<const __nv_bfloat16*>(gu), kHidden, h, early); break;
+        }
+      });
+      char name[64];
+      std::snprintf(name, sizeof name, "layer, early mask %d", mask);
+      std::printf("%-28s %8.2f\n", name, 5 * us);
+    }
+    CHECK(cudaFree(lw));
+  }
+  // Persistent: one launch runs kPhases phases; us per phase.
+  {
+    unsigned* vec;
+    unsigned long long* state;
+    CHECK(cudaMalloc(&vec, 2 * kPRows * sizeof(unsigned)));
+    CHECK(cudaMemset(vec, 0, 2 * kPRows * sizeof(unsigned)));
+    CHECK(cudaMalloc(&state, 16 * sizeof(unsigned long long)));
+    CHECK(cudaMemset(state, 0, 16 * sizeof(unsigned long long)));
+    const int pmats = static_cast<int>(mat * kMats / (static_cast<size_t>(kPRows) * kPRowChunks * 16));
+    const bool pdl = g_pdl;
+    g_pdl = false;  // a launch's phases wait for nothing but the launch before, whole
+    auto run = [&](const char* name, auto kernel) {
+      std::printf("%-28s %8.2f\n", name, time_chain(4, [&](int, cudaStream_t s) {
+                    launch(kernel, sms, 1, s, static_cast<const int4*>(w), pmats, vec, state);
+                  }) / kPhases);
+    };
+    run("persistent barrier", persistent_kernel<false, false>);
+    run("persistent ll", persistent_kernel<true, false>);
+    run("persistent barrier gemv", persistent_kernel<false, true>);
+    run("persistent ll gemv", persistent_kernel<true, true>);
+    g_pdl = pdl;
+    CHECK(cudaFree(vec));
+    CHECK(cudaFree(state));
   }
   CHECK(cudaDeviceSynchronize());
   return 0;

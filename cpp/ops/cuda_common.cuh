@@ -192,6 +192,10 @@ struct GemvArgs {
   // 2 hidden) and y is [M, hidden] of silu(gate) * up (ffn_block). The kernel then takes the
   // rows in the order gate 0, up 0, gate 1, up 1, ... so that a pair shares a warp's group.
   int pair_half = 0;
+  // Let the next kernel launch before this one's PDL wait, not after it (attention_block's wo:
+  // see attention_block_cuda). Only where the next kernel reads nothing before its own wait
+  // that a kernel still running could write.
+  bool trigger_early = false;
 };
 
 // W's row for the n-th row a GEMV takes: n itself, or in pairs with kPair (gate n / 2, up n / 2).

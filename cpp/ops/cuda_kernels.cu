@@ -116,8 +116,9 @@ __global__ void __launch_bounds__(kWarps * 32, kB <= kLongRowBatch ? 3 : 2) gemv
   // The first weights before waiting: no kernel writes them, so these loads overlap the tail
   // of the previous kernel.
   load_batch(row_of(0), col);
+  if (a.trigger_early) allow_next_launch();  // see attention_block_cuda
   wait_for_inputs();
-  allow_next_launch();  // only after the wait: see attention_decode_kernel
+  if (!a.trigger_early) allow_next_launch();  // only after the wait: see attention_decode_kernel
   // The first row's residual now (see early_residual; rmsnorm_linear has none).
   const bool early_res = kAct != Act::kRmsNorm && a.M == 1;
   const float res0 = early_res && col == 0 ? early_residual<T>(a, 0, row_of(0)) : 0.f;
@@ -389,8 +390,9 @@ __global__ void __launch_bounds__(kWarps * 32, 4) gemv_rowbuf_kernel(GemvArgs a)
   }
   // Lane r holds row r's scale.
   const float scale = lane < R && n0 + lane < a.N ? to_float(static_cast<const S*>(a.scales)[weight_row<kPair>(a, n0 + lane)]) : 0.f;
+  if (a.trigger_early) allow_next_launch();  // see attention_block_cuda
   wait_for_inputs();
-  allow_next_launch();  // only after the wait: see attention_decode_kernel
+  if (!a.trigger_early) allow_next_launch();  // only after the wait: see attention_decode_kernel
   // Lane r holds row r's residual (see early_residual).
   const float res = lane < R ? early_residual<T>(a, 0, n0 + lane) : 0.f;
   stage_block<T, int8_t, kAct>(a, smem);
@@ -553,7 +555,7 @@ bool launch_gemv(GemvArgs a) {
 // [M, hidden] of silu(gate) * up (GemvArgs::pair_half).
 bool try_gemv(Act act, const at::Tensor& x, const at::Tensor& w, const OptTensor& scales,
               const at::Tensor* norm, double eps, const OptTensor& residual, at::Tensor& y,
-              int64_t pair_half = 0) {
+              int64_t pair_half = 0, bool trigger_early = false) {
   const int64_t K = w.size(1), N = w.size(0), y_cols = pair_half ? pair_half : N;
   const int64_t M = x.numel() / x.size(-1);
   if (M < 1 || M > kMaxGemvRows || N == 0 || K == 0 || K >= (int64_t{1} << 30) ||
@@ -595,7 +597,7 @@ bool try_gemv(Act act, const at::Tensor& x, const at::Tensor& w, const OptTensor
         static_cast<char*>(y.mutable_data_ptr()) + m0 * y_cols * y.element_size(),
         static_cast<float>(eps), static_cast<int>(rows), static_cast<int>(N),
         static_cast<int>(K), static_cast<int>(group), 1, 0, 32,
-        y.scalar_type() == at::kFloat && T != at::kFloat, static_cast<int>(pair_half)};
+        y.scalar_type() == at::kFloat && T != at::kFloat, static_cast<int>(pair_half), trigger_early};
     dispatch_float(T, [&](auto ttag) {
       using CT = decltype(ttag);
       auto run = [&](auto wtag, auto stag) {
@@ -619,12 +621,18 @@ at::Tensor new_output(const at::Tensor& x, int64_t last, std::optional<at::Scala
   return at::empty(shape, x.options().dtype(dtype.value_or(x.scalar_type())));
 }
 
-at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& w, const OptTensor& scales,
-                       const OptTensor& residual) {
+// trigger_early: see GemvArgs::trigger_early.
+at::Tensor linear_launch(const at::Tensor& x, const at::Tensor& w, const OptTensor& scales,
+                         const OptTensor& residual, bool trigger_early) {
   check_linear(x, w, scales, residual);
   at::Tensor y = new_output(x, w.size(0));
-  if (x.numel() && try_gemv(Act::kNone, x, w, scales, nullptr, 0, residual, y)) return y;
+  if (x.numel() && try_gemv(Act::kNone, x, w, scales, nullptr, 0, residual, y, 0, trigger_early)) return y;
   return linear_reference(x, w, scales, residual);
+}
+
+at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& w, const OptTensor& scales,
+                       const OptTensor& residual) {
+  return linear_launch(x, w, scales, residual, false);
 }
 
 at::Tensor rmsnorm_linear_cuda(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
@@ -705,8 +713,9 @@ __device__ T* copy_early_rows(const AttnArgs& a, int b, int kvh, int64_t p, T* r
 // earlier steps. So before its PDL wait the block copies them into shared memory (cp.async), and
 // after the wait only q, k and v are read from L2 (H200: stories15M 8,900 -> 9,460 tok/s,
 // stories110M 3,456 -> 3,960). Reading the position and the cache before the wait is safe only
-// because every GEMV (the kernel before this one: the QKV projection) lets this kernel launch
-// after its own wait: by then every kernel before that GEMV has finished, the previous step's
+// because the GEMV before it (the QKV projection) lets this kernel launch after its own wait
+// (only attention_block's wo GEMV launches its successor early, and that is never attention):
+// by then every kernel before that GEMV has finished, the previous step's
 // sampler (which wrote the position) and attention (which wrote the last slot) included. Any
 // other kernel before this one (cuBLAS, a copy) does not trigger early launches at all.
 //
@@ -1028,10 +1037,11 @@ bool launch_attention_linear(const at::Tensor& qkv, const at::Tensor& positions,
 
 // attention_cuda then linear_cuda; with BABYRT_ATTN_LINEAR=1, attention_linear_kernel where
 // it covers the call.
-at::Tensor attention_linear_cuda(const at::Tensor& qkv, const at::Tensor& positions,
-                                 const OptTensor& cos, const OptTensor& sin, at::Tensor& k_cache,
-                                 at::Tensor& v_cache, int64_t H, int64_t KV, const at::Tensor& w,
-                                 const OptTensor& scales, const OptTensor& residual) {
+// wo_early: the wo GEMV lets the next kernel launch before its wait (attention_block_cuda).
+at::Tensor attention_linear_launch(const at::Tensor& qkv, const at::Tensor& positions,
+                                   const OptTensor& cos, const OptTensor& sin, at::Tensor& k_cache,
+                                   at::Tensor& v_cache, int64_t H, int64_t KV, const at::Tensor& w,
+                                   const OptTensor& scales, const OptTensor& residual, bool wo_early) {
   check_attention_linear(qkv, positions, cos, sin, k_cache, v_cache, H, KV, w, scales, residual);
   const int64_t B = qkv.size(0), N = w.size(0), K = w.size(1);
   const auto dt = qkv.scalar_type();
@@ -1063,7 +1073,38 @@ at::Tensor attention_linear_cuda(const at::Tensor& qkv, const at::Tensor& positi
   }
   if (done) return out;
   at::Tensor y = attention_cuda(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
-  return linear_cuda(y, w, scales, residual);
+  return linear_launch(y, w, scales, residual, wo_early);
+}
+
+at::Tensor attention_linear_cuda(const at::Tensor& qkv, const at::Tensor& positions,
+                                 const OptTensor& cos, const OptTensor& sin, at::Tensor& k_cache,
+                                 at::Tensor& v_cache, int64_t H, int64_t KV, const at::Tensor& w,
+                                 const OptTensor& scales, const OptTensor& residual) {
+  return attention_linear_launch(qkv, positions, cos, sin, k_cache, v_cache, H, KV, w, scales,
+                                 residual, false);
+}
+
+// The layer's attention half: the QKV GEMV (RMSNorm fused), attention, then the wo GEMV, which
+// lets the next kernel launch before its own PDL wait. That next kernel is the layer's
+// feed-forward GEMV (ffn_block), which reads only its weights before its wait, so it launches
+// while attention runs and loads its weights then (HBM is otherwise idle during attention).
+// Measured with toy kernels of stories110M's shapes (benchmarks/kernel_chain.cu, "layer",
+// H200): 16.8 -> 14.3 us a layer; the early launch of any other of the layer's kernels gained
+// nothing on its own. Safe for what can follow attention_block: a GEMV (ffn_block, or the next
+// layer's QKV GEMV) reads only weights before its wait, and the kernels that read more before
+// theirs (decode attention: the position and the cache) only ever follow a GEMV that lets them
+// launch after its wait. BABYRT_WO_EARLY=0 launches it after the wait (to measure).
+at::Tensor attention_block_cuda(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
+                                const at::Tensor& wqkv, const OptTensor& qkv_scales,
+                                const at::Tensor& positions, const OptTensor& cos, const OptTensor& sin,
+                                at::Tensor& k_cache, at::Tensor& v_cache, int64_t H, int64_t KV,
+                                const at::Tensor& wo, const OptTensor& wo_scales) {
+  check_attention_block(x, norm_weight, wqkv, qkv_scales, positions, cos, sin, k_cache, v_cache, H,
+                        KV, wo, wo_scales);
+  static const bool wo_early = !env_is("BABYRT_WO_EARLY", "0");
+  const at::Tensor qkv = rmsnorm_linear_cuda(x, norm_weight, eps, wqkv, qkv_scales, std::nullopt);
+  return attention_linear_launch(qkv, positions, cos, sin, k_cache, v_cache, H, KV, wo, wo_scales, x,
+                                 wo_early);
 }
 
 // ------------------------------------------------------------------ embedding
@@ -1229,6 +1270,7 @@ TORCH_LIBRARY_IMPL(babyrt, CUDA, m) {
   m.impl("swiglu_linear", swiglu_linear_cuda);
   m.impl("attention", attention_cuda);
   m.impl("attention_linear", attention_linear_cuda);
+  m.impl("attention_block", attention_block_cuda);
   m.impl("ffn_block", ffn_block_cuda);
   m.impl("greedy_advance", greedy_advance_cuda);
   m.impl("embedding", embedding_cuda);
