@@ -735,8 +735,9 @@ __global__ void __launch_bounds__(kAttnThreads, 3) attention_decode_kernel(AttnA
   const int half = a.D / 2;
   if (a.cos && p >= 0 && p < a.P && threadIdx.x < half)
     early = EarlyReads{p, true, a.cos[p * half + threadIdx.x], a.sin[p * half + threadIdx.x]};
-  allow_next_launch();
+  if (!a.trigger_late) allow_next_launch();
   wait_for_inputs();
+  if (a.trigger_late) allow_next_launch();
   cp_async_wait_all();  // attend's first sync publishes all the copies
   // Defensive: if the position moved since these reads (a caller that breaks the launch order
   // above), attend reads the cache and the tables instead.
@@ -948,6 +949,8 @@ at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, co
                v_cache.mutable_data_ptr(), out.mutable_data_ptr(), static_cast<int>(H),
                static_cast<int>(KV), static_cast<int>(D), static_cast<int>(S),
                cos ? static_cast<int>(cos->size(0)) : 0, early_slots, static_cast<int>(k_stride)};
+    static const bool late = env_is("BABYRT_ATTN_LATE", "1");
+    a.trigger_late = late;
     launch(kernel, dim3(H, B), dim3(kAttnThreads), smem, a);
   });
   return out;
