@@ -571,7 +571,7 @@ struct AttnArgs {
   int H, KV, D, S, P;
   int early_slots;  // attention_decode_kernel: K and V rows it copies before its PDL wait (0: none)
   int k_stride;     // elements from one copied K row to the next: D, or more to spread the banks
-  bool trigger_late = false;  // attention_decode_kernel: the next kernel launches after its wait (BABYRT_ATTN_LATE=1, to measure)
+  bool trigger_late = false;  // attention_decode_kernel: the next kernel launches after its wait (attention_block)
 };
 
 // What an attention kernel read before its PDL wait: the sequence's position p (-1: nothing),

@@ -917,9 +917,11 @@ bool attention_fits(AttnKernel kind, const at::Tensor& qkv, const at::Tensor& po
          aligned16(k_cache) && aligned16(v_cache);
 }
 
-at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, const OptTensor& cos,
-                          const OptTensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
-                          int64_t H, int64_t KV) {
+// trigger_late: the decode kernel lets the next kernel launch after its PDL wait, not before
+// (attention_block_cuda).
+at::Tensor attention_launch(const at::Tensor& qkv, const at::Tensor& positions, const OptTensor& cos,
+                            const OptTensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                            int64_t H, int64_t KV, bool trigger_late) {
   check_attention(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
   const int64_t B = qkv.size(0), D = k_cache.size(3), S = k_cache.size(2);
   const auto dt = qkv.scalar_type();
@@ -949,11 +951,16 @@ at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, co
                v_cache.mutable_data_ptr(), out.mutable_data_ptr(), static_cast<int>(H),
                static_cast<int>(KV), static_cast<int>(D), static_cast<int>(S),
                cos ? static_cast<int>(cos->size(0)) : 0, early_slots, static_cast<int>(k_stride)};
-    static const bool late = env_is("BABYRT_ATTN_LATE", "1");
-    a.trigger_late = late;
+    a.trigger_late = trigger_late;
     launch(kernel, dim3(H, B), dim3(kAttnThreads), smem, a);
   });
   return out;
+}
+
+at::Tensor attention_cuda(const at::Tensor& qkv, const at::Tensor& positions, const OptTensor& cos,
+                          const OptTensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                          int64_t H, int64_t KV) {
+  return attention_launch(qkv, positions, cos, sin, k_cache, v_cache, H, KV, false);
 }
 
 // Launches attention_linear_kernel; false where its clusters cannot run (nothing launched).
@@ -1040,7 +1047,8 @@ bool launch_attention_linear(const at::Tensor& qkv, const at::Tensor& positions,
 
 // attention_cuda then linear_cuda; with BABYRT_ATTN_LINEAR=1, attention_linear_kernel where
 // it covers the call.
-// wo_early: the wo GEMV lets the next kernel launch before its wait (attention_block_cuda).
+// wo_early: attention lets the wo GEMV launch after attention's wait, and the wo GEMV lets the
+// next kernel launch before its own (attention_block_cuda).
 at::Tensor attention_linear_launch(const at::Tensor& qkv, const at::Tensor& positions,
                                    const OptTensor& cos, const OptTensor& sin, at::Tensor& k_cache,
                                    at::Tensor& v_cache, int64_t H, int64_t KV, const at::Tensor& w,
@@ -1075,7 +1083,7 @@ at::Tensor attention_linear_launch(const at::Tensor& qkv, const at::Tensor& posi
     });
   }
   if (done) return out;
-  at::Tensor y = attention_cuda(qkv, positions, cos, sin, k_cache, v_cache, H, KV);
+  at::Tensor y = attention_launch(qkv, positions, cos, sin, k_cache, v_cache, H, KV, wo_early);
   return linear_launch(y, w, scales, residual, wo_early);
 }
 
@@ -1087,16 +1095,23 @@ at::Tensor attention_linear_cuda(const at::Tensor& qkv, const at::Tensor& positi
                                  residual, false);
 }
 
-// The layer's attention half: the QKV GEMV (RMSNorm fused), attention, then the wo GEMV, which
-// lets the next kernel launch before its own PDL wait. That next kernel is the layer's
-// feed-forward GEMV (ffn_block), which reads only its weights before its wait, so it launches
-// while attention runs and loads its weights then (HBM is otherwise idle during attention).
-// Measured with toy kernels of stories110M's shapes (benchmarks/kernel_chain.cu, "layer",
-// H200): 16.8 -> 14.3 us a layer; the early launch of any other of the layer's kernels gained
-// nothing on its own. Safe for what can follow attention_block: a GEMV (ffn_block, or the next
-// layer's QKV GEMV) reads only weights before its wait, and the kernels that read more before
-// theirs (decode attention: the position and the cache) only ever follow a GEMV that lets them
-// launch after its wait. BABYRT_WO_EARLY=0 launches it after the wait (to measure).
+// The layer's attention half: the QKV GEMV (RMSNorm fused), attention, then the wo GEMV. Two
+// launch orders differ from the plain ops': the wo GEMV lets the next kernel launch before its
+// own PDL wait, and attention lets the wo GEMV launch only after attention's wait. The next
+// kernel is the layer's feed-forward GEMV (ffn_block), which reads only its weights before its
+// wait, so it launches while attention runs and loads its weights then (HBM is otherwise idle
+// during attention); attention's later trigger keeps the wo GEMV's blocks from taking the SMs
+// sooner. With toy kernels of stories110M's shapes (benchmarks/kernel_chain.cu, "layer", H200)
+// the wo GEMV's early launch took a layer from 16.8 to 14.2 us, and the early launch of any
+// other of the layer's kernels gained nothing on its own. End to end (babyrt bench --no-peers,
+// H200, eighteenth session, two runs against one; bf16 / int8 tok/s): stories110M 4,445 / 5,757
+// -> 4,574-4,577 / 5,905-5,967, 1B 1,140 / 1,819 -> 1,127-1,128 / 1,870-1,872, stories15M 11,610
+// / 13,469 -> 11,412-11,424 / 13,595-13,616. The wo GEMV's early launch alone, attention's as
+// before: stories110M 4,436-4,511 / 5,870-5,908, stories15M 10,905-10,983 bf16.
+// Safe for what can follow attention_block: a GEMV (ffn_block, or the next layer's QKV GEMV)
+// reads only weights before its wait, and the kernels that read more before theirs (decode
+// attention: the position and the cache) only ever follow a GEMV that lets them launch after
+// its wait. BABYRT_WO_EARLY=0 keeps the plain ops' order (to measure).
 at::Tensor attention_block_cuda(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
                                 const at::Tensor& wqkv, const OptTensor& qkv_scales,
                                 const at::Tensor& positions, const OptTensor& cos, const OptTensor& sin,
