@@ -104,7 +104,7 @@ def test_cuda_linear_large_shapes(M, N, K, weights):
 
 # Opt-in CUDA switches: each reruns tests in subprocesses under its setting (below). Under any
 # of them those tests skip, so that no rerun starts reruns of its own.
-CUDA_SWITCHES = ("BABYRT_GEMV", "BABYRT_ATTN_LINEAR", "BABYRT_FFN_FUSED")
+CUDA_SWITCHES = ("BABYRT_GEMV", "BABYRT_ATTN_LINEAR", "BABYRT_FFN_FUSED", "BABYRT_WO_EARLY", "BABYRT_FFN_EARLY")
 UNDER_A_SWITCH = pytest.mark.skipif(any(os.environ.get(s) for s in CUDA_SWITCHES),
                                     reason="already running under an opt-in switch")
 GEMV_TESTS = [(Path(__file__), "cuda and (linear or fused)")]
@@ -120,6 +120,8 @@ RERUNS = {  # setting: the (file, -k selection) pairs it reruns
     "BABYRT_GEMV=stream": GEMV_TESTS, "BABYRT_GEMV=wide": GEMV_TESTS, "BABYRT_GEMV=regs": GEMV_TESTS,
     "BABYRT_ATTN_LINEAR=1": op_and_generation_tests("attention_linear"),
     "BABYRT_FFN_FUSED=0": op_and_generation_tests("ffn_block"),
+    "BABYRT_WO_EARLY=0": op_and_generation_tests("attention_block"),
+    "BABYRT_FFN_EARLY=1": op_and_generation_tests("ffn_block"),
 }
 
 
@@ -177,6 +179,18 @@ def test_cuda_ffn_block_unfused(request, cuda_reruns):
     """BABYRT_FFN_FUSED=0 (ffn_block as its two ops' kernels, kept to measure against) passes
     the op tests, and the CUDA generation tests (greedy parity with the CPU, batches, graphs)
     run through it."""
+    assert_reruns_pass(request, cuda_reruns)
+
+
+@NEEDS_CUDA
+@UNDER_A_SWITCH
+@pytest.mark.parametrize("setting", [rerun("BABYRT_WO_EARLY=0", "wo-late"), rerun("BABYRT_FFN_EARLY=1", "ffn-early")])
+def test_cuda_launch_order(setting, request, cuda_reruns):
+    """The kernels' launch order under programmatic dependent launch changes no result:
+    BABYRT_WO_EARLY=0 (attention_block's wo GEMV lets the next kernel launch only after its own
+    wait, the order of the plain ops) and BABYRT_FFN_EARLY=1 (opt-in: ffn_block's two GEMVs let
+    it launch before theirs) pass the op tests and the CUDA generation tests (greedy parity with
+    the CPU, batches, graphs: many steps, where a read of a buffer still being written would show)."""
     assert_reruns_pass(request, cuda_reruns)
 
 
