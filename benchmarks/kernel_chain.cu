@@ -20,7 +20,11 @@
 //               QKV GEMV with RMSNorm staging (288 blocks), attention over 144 slots copied to
 //               shared memory before the wait (12 blocks), wo (96), w13 (256, two rows a warp), w2
 //               (96, rows of 4 KB); each GEMV loads its rows before the PDL wait and lets the next
-//               kernel launch after it (as babyrt's), "early": before it. us a layer.
+//               kernel launch after it (as babyrt's), "early": before it. us a layer, by a
+//               mask of the kernels that let the next launch before their wait. "layer attn+wo":
+//               the same with attention and wo as one kernel (each head's block multiplies its
+//               output by its 64 columns of Wo, copied to shared memory before the wait, and
+//               writes fp32 parts that the w13 GEMV sums while staging): 4 kernels a layer.
 //   persistent MODE one kernel of one block an SM running 96 dependent phases, each phase
 //               reading the whole vector the one before wrote (768 bf16, stories110M's x) and
 //               writing its block's slice of the next: the one-kernel step's floor per phase.
@@ -151,9 +155,12 @@ __global__ void __launch_bounds__(kThreads, 3) gemv_kernel(const int4* w, const 
 // ---------------------------------------------------------------- a toy stories110M layer
 #include <cuda_bf16.h>
 // C chunks a lane of each of the warp's R rows (one warp a row group, 32 lanes a row).
-template <int C, int R, bool kNorm>
+// kParts > 0: x is x plus kParts fp32 vectors (parts, kParts x K: the heads' shares of the wo
+// product when attention computes them), summed while staging.
+template <int C, int R, bool kNorm, int kParts = 0>
 __global__ void __launch_bounds__(kThreads, 3)
-    toy_gemv(const int4* w, int N, int row_chunks, const __nv_bfloat16* x, int K, __nv_bfloat16* y, bool early) {
+    toy_gemv(const int4* w, int N, int row_chunks, const __nv_bfloat16* x, int K, __nv_bfloat16* y, bool early,
+             const float* parts = nullptr) {
   __shared__ __align__(16) __nv_bfloat16 xs[2048];
   __shared__ float part[kThreads / 32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -172,6 +179,32 @@ __global__ void __launch_bounds__(kThreads, 3)
   int4 xv = make_int4(0, 0, 0, 0);
   const bool has = threadIdx.x < K / 8;
   if (has) xv = __ldcg(reinterpret_cast<const int4*>(x) + threadIdx.x);
+  if constexpr (kParts > 0) {  // every thread loads its share of the parts (one round trip), then sums
+    __shared__ float4 sp[kParts > 0 ? kParts * 768 / 4 : 1];
+    constexpr int kLoads = (kParts * 768 / 4 + kThreads - 1) / kThreads;
+    float4 pv[kLoads];
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const int j = threadIdx.x + i * kThreads;
+      if (j < kParts * K / 4) pv[i] = __ldcg(reinterpret_cast<const float4*>(parts) + j);
+    }
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const int j = threadIdx.x + i * kThreads;
+      if (j < kParts * K / 4) sp[j] = pv[i];
+    }
+    __syncthreads();
+    if (has) {
+      const float* f = reinterpret_cast<const float*>(sp);
+      __nv_bfloat16* e = reinterpret_cast<__nv_bfloat16*>(&xv);
+      for (int j = 0; j < 8; ++j) {
+        float v = 0.f;
+        for (int q = 0; q < kParts; ++q) v += f[q * K + 8 * threadIdx.x + j];
+        e[j] = __float2bfloat16(__bfloat162float(e[j]) + v);
+      }
+      if (blockIdx.x == 0) reinterpret_cast<int4*>(y + N)[threadIdx.x] = xv;  // the new h, for w2's residual
+    }
+  }
   float scale = 1.f;
   if constexpr (kNorm) {
     const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&xv);
@@ -253,6 +286,67 @@ __global__ void __launch_bounds__(kThreads) toy_attention(const __nv_bfloat16* k
   __syncthreads();
   if (threadIdx.x < 64)
     out[h * 64 + d] = __float2bfloat16((red[d] + red[64 + d] + red[128 + d] + red[192 + d]) / stat[1]);
+}
+
+// toy_attention, then the head's share of the wo product: the head's 64 columns of Wo (768
+// rows, copied to shared memory before the wait with the K and V rows) times its output,
+// written as fp32 parts[head][768] for the next GEMV to sum while staging. wo: [768, 768] bf16.
+constexpr int kWoRows = 768;
+constexpr size_t kAttnWoSmem = (2 * kSlots * 64 + kWoRows * 64) * sizeof(__nv_bfloat16);
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(dst))),
+               "l"(src) : "memory");
+}
+__global__ void __launch_bounds__(kThreads) toy_attention_wo(const __nv_bfloat16* kv, const __nv_bfloat16* qkv,
+                                                            const __nv_bfloat16* wo, float* parts, bool early) {
+  extern __shared__ __align__(16) __nv_bfloat16 big_smem[];
+  __nv_bfloat16* ks = big_smem;
+  __nv_bfloat16* vs = ks + kSlots * 64;
+  __nv_bfloat16* ws = vs + kSlots * 64;
+  __shared__ float p[kSlots], q[64], red[4 * 64], stat[2], o[64];
+  const int h = blockIdx.x;
+  const int4* src = reinterpret_cast<const int4*>(kv + static_cast<size_t>(h) * 2 * kSlots * 64);
+  for (int i = threadIdx.x; i < kSlots * 8; i += kThreads) {
+    cp_async16(reinterpret_cast<int4*>(ks) + i, src + i);
+    cp_async16(reinterpret_cast<int4*>(vs) + i, src + kSlots * 8 + i);
+  }
+  for (int i = threadIdx.x; i < kWoRows * 8; i += kThreads)  // row r's 8 chunks of this head's columns
+    cp_async16(reinterpret_cast<int4*>(ws) + i, reinterpret_cast<const int4*>(wo + static_cast<size_t>(i / 8) * kWoRows + h * 64) + i % 8);
+  if (early) pdl_launch();
+  pdl_wait();
+  if (!early) pdl_launch();
+  asm volatile("cp.async.wait_all;" ::: "memory");
+  if (threadIdx.x < 64) q[threadIdx.x] = __bfloat162float(__ldcg(qkv + h * 64 + threadIdx.x));
+  __syncthreads();
+  if (threadIdx.x < kSlots) {
+    float sc = 0.f;
+    for (int d = 0; d < 64; ++d) sc += q[(d + threadIdx.x) % 64] * __bfloat162float(ks[threadIdx.x * 64 + (d + threadIdx.x) % 64]);
+    p[threadIdx.x] = sc * 0.125f;
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float m = -1e30f;
+    for (int i = threadIdx.x; i < kSlots; i += 32) m = fmaxf(m, p[i]);
+    for (int off = 16; off; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, off));
+    float sum = 0.f;
+    for (int i = threadIdx.x; i < kSlots; i += 32) sum += __expf(p[i] - m);
+    for (int off = 16; off; off /= 2) sum += __shfl_xor_sync(0xffffffff, sum, off);
+    if (threadIdx.x == 0) stat[0] = m, stat[1] = sum;
+  }
+  __syncthreads();
+  const int d = threadIdx.x % 64, quarter = threadIdx.x / 64;
+  float acc = 0.f;
+  for (int i = quarter * (kSlots / 4); i < (quarter + 1) * (kSlots / 4); ++i)
+    acc += __expf(p[i] - stat[0]) * __bfloat162float(vs[i * 64 + d]);
+  red[quarter * 64 + d] = acc;
+  __syncthreads();
+  if (threadIdx.x < 64) o[d] = (red[d] + red[64 + d] + red[128 + d] + red[192 + d]) / stat[1];
+  __syncthreads();
+  for (int r = threadIdx.x; r < kWoRows; r += kThreads) {
+    float y = 0.f;
+    for (int k = 0; k < 64; ++k) y += __bfloat162float(ws[r * 64 + (k + r) % 64]) * o[(k + r) % 64];
+    parts[h * kWoRows + r] = y;
+  }
 }
 
 // ---------------------------------------------------------------- persistent phases
@@ -559,18 +653,53 @@ int main(int argc, char** argv) {
         const int4* w2 = reinterpret_cast<const int4*>(base + qkv_b + wo_b + w13_b);
         const bool early = mask >> (i % 5) & 1;
         switch (i % 5) {
-          case 0: launch(toy_gemv<3, 1, true>, 288, 1, s, wq, 2304, 96, static_cast<const __nv_bfloat16*>(h), kDim, qkv, early); break;
+          case 0: launch(toy_gemv<3, 1, true>, 288, 1, s, wq, 2304, 96, static_cast<const __nv_bfloat16*>(h), kDim, qkv, early, static_cast<const float*>(nullptr)); break;
           case 1: launch(toy_attention, 12, 1, s, static_cast<const __nv_bfloat16*>(kv + static_cast<size_t>(l) * 12 * 2 * kSlots * 64),
                          static_cast<const __nv_bfloat16*>(qkv), attn, early); break;
-          case 2: launch(toy_gemv<3, 1, false>, 96, 1, s, wo, kDim, 96, static_cast<const __nv_bfloat16*>(attn), kDim, h, early); break;
-          case 3: launch(toy_gemv<3, 2, true>, 256, 1, s, w13, 4096, 96, static_cast<const __nv_bfloat16*>(h), kDim, gu, early); break;
-          default: launch(toy_gemv<8, 1, false>, 96, 1, s, w2, kDim, 256, static_cast<const __nv_bfloat16*>(gu), kHidden, h, early); break;
+          case 2: launch(toy_gemv<3, 1, false>, 96, 1, s, wo, kDim, 96, static_cast<const __nv_bfloat16*>(attn), kDim, h, early, static_cast<const float*>(nullptr)); break;
+          case 3: launch(toy_gemv<3, 2, true>, 256, 1, s, w13, 4096, 96, static_cast<const __nv_bfloat16*>(h), kDim, gu, early, static_cast<const float*>(nullptr)); break;
+          default: launch(toy_gemv<8, 1, false>, 96, 1, s, w2, kDim, 256, static_cast<const __nv_bfloat16*>(gu), kHidden, h, early, static_cast<const float*>(nullptr)); break;
         }
       });
       char name[64];
       std::snprintf(name, sizeof name, "layer, early mask %d", mask);
       std::printf("%-28s %8.2f\n", name, 5 * us);
     }
+    // attention and wo as one kernel (the head's share of wo, summed by the w13 GEMV's
+    // staging): 4 kernels a layer. Masks: bit 1 QKV, 2 attention+wo, 4 w13, 8 w2.
+    CHECK(cudaFuncSetAttribute(toy_attention_wo, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kAttnWoSmem)));
+    float* parts;
+    CHECK(cudaMalloc(&parts, 12 * kDim * sizeof(float)));
+    CHECK(cudaMemset(parts, 0, 12 * kDim * sizeof(float)));
+    __nv_bfloat16* gu_h;  // w13's output, then the new h (written by its block 0)
+    CHECK(cudaMalloc(&gu_h, (2 * kHidden + kDim) * 2));
+    CHECK(cudaMemset(gu_h, 0, (2 * kHidden + kDim) * 2));
+    for (int mask : {0, 2, 6, 14, 3, 15}) {
+      const double us = time_chain(4 * kLayers, [&](int i, cudaStream_t s) {
+        const int l = i / 4;
+        const char* base = lw + l * layer_b;
+        const int4* wq = reinterpret_cast<const int4*>(base);
+        const __nv_bfloat16* wo = reinterpret_cast<const __nv_bfloat16*>(base + qkv_b);
+        const int4* w13 = reinterpret_cast<const int4*>(base + qkv_b + wo_b);
+        const int4* w2 = reinterpret_cast<const int4*>(base + qkv_b + wo_b + w13_b);
+        const bool early = mask >> (i % 4) & 1;
+        switch (i % 4) {
+          case 0: launch(toy_gemv<3, 1, true>, 288, 1, s, wq, 2304, 96, static_cast<const __nv_bfloat16*>(h), kDim, qkv, early,
+                         static_cast<const float*>(nullptr)); break;
+          case 1: launch_smem(toy_attention_wo, 12, 1, kAttnWoSmem, s, static_cast<const __nv_bfloat16*>(kv + static_cast<size_t>(l) * 12 * 2 * kSlots * 64),
+                              static_cast<const __nv_bfloat16*>(qkv), wo, parts, early); break;
+          case 2: launch(toy_gemv<3, 2, true, 12>, 256, 1, s, w13, 4096, 96, static_cast<const __nv_bfloat16*>(h), kDim, gu_h, early,
+                         static_cast<const float*>(parts)); break;
+          default: launch(toy_gemv<8, 1, false>, 96, 1, s, w2, kDim, 256, static_cast<const __nv_bfloat16*>(gu_h), kHidden, h, early,
+                          static_cast<const float*>(nullptr)); break;
+        }
+      });
+      char name[64];
+      std::snprintf(name, sizeof name, "layer attn+wo, mask %d", mask);
+      std::printf("%-28s %8.2f\n", name, 4 * us);
+    }
+    CHECK(cudaFree(parts));
+    CHECK(cudaFree(gu_h));
     CHECK(cudaFree(lw));
   }
   // Persistent: one launch runs kPhases phases; us per phase.
