@@ -21,7 +21,8 @@
 //               shared memory before the wait (12 blocks), wo (96), w13 (256, two rows a warp), w2
 //               (96, rows of 4 KB); each GEMV loads its rows before the PDL wait and lets the next
 //               kernel launch after it (as babyrt's), "early": before it. us a layer, by a
-//               mask of the kernels that let the next launch before their wait. "layer attn+wo":
+//               mask of the kernels that let the next launch before their wait ("pad": the
+//               GEMVs at 3 blocks an SM, as babyrt's). "layer attn+wo":
 //               the same with attention and wo as one kernel (each head's block multiplies its
 //               output by its 64 columns of Wo, copied to shared memory before the wait, and
 //               writes fp32 parts that the w13 GEMV sums while staging): 4 kernels a layer.
@@ -47,6 +48,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <utility>
 #include <vector>
 
 namespace cg = cooperative_groups;
@@ -643,7 +645,18 @@ int main(int argc, char** argv) {
     CHECK(cudaMemset(kv, 0, static_cast<size_t>(kLayers) * 12 * 2 * kSlots * 64 * 2));
     // Which kernels let the next launch before their wait: bit 1 QKV, 2 attention, 4 wo, 8 w13,
     // 16 w2. babyrt: 2 (attention only; its GEMVs after their wait).
-    for (int mask : {2, 4, 6, 0, 29, 31, 30, 28, 26, 24, 16, 8}) {
+    // pad: each GEMV block also takes 64 KB of dynamic shared memory, so that at most 3 fit an
+    // SM, as babyrt's GEMVs at 80 registers (the toy's take 38-69 registers, up to 6 an SM).
+    constexpr int kPad = 64 << 10;
+    for (auto k : {toy_gemv<3, 1, true>, toy_gemv<3, 1, false>, toy_gemv<3, 2, true>, toy_gemv<8, 1, false>})
+      CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, kPad));
+    const std::pair<int, bool> runs[] = {{2, false}, {4, false}, {6, false}, {0, false}, {29, false}, {31, false},
+                                         {30, false}, {28, false}, {26, false}, {24, false}, {16, false}, {8, false},
+                                         {2, true}, {4, true}, {6, true}, {28, true}};
+    for (const auto& run : runs) {
+      const int mask = run.first;
+      const bool pad = run.second;
+      const size_t gemv_smem = pad ? kPad : 0;
       const double us = time_chain(5 * kLayers, [&](int i, cudaStream_t s) {
         const int l = i / 5;
         const char* base = lw + l * layer_b;
@@ -652,17 +665,18 @@ int main(int argc, char** argv) {
         const int4* w13 = reinterpret_cast<const int4*>(base + qkv_b + wo_b);
         const int4* w2 = reinterpret_cast<const int4*>(base + qkv_b + wo_b + w13_b);
         const bool early = mask >> (i % 5) & 1;
+        const float* none = nullptr;
         switch (i % 5) {
-          case 0: launch(toy_gemv<3, 1, true>, 288, 1, s, wq, 2304, 96, static_cast<const __nv_bfloat16*>(h), kDim, qkv, early, static_cast<const float*>(nullptr)); break;
+          case 0: launch_smem(toy_gemv<3, 1, true>, 288, 1, gemv_smem, s, wq, 2304, 96, static_cast<const __nv_bfloat16*>(h), kDim, qkv, early, none); break;
           case 1: launch(toy_attention, 12, 1, s, static_cast<const __nv_bfloat16*>(kv + static_cast<size_t>(l) * 12 * 2 * kSlots * 64),
                          static_cast<const __nv_bfloat16*>(qkv), attn, early); break;
-          case 2: launch(toy_gemv<3, 1, false>, 96, 1, s, wo, kDim, 96, static_cast<const __nv_bfloat16*>(attn), kDim, h, early, static_cast<const float*>(nullptr)); break;
-          case 3: launch(toy_gemv<3, 2, true>, 256, 1, s, w13, 4096, 96, static_cast<const __nv_bfloat16*>(h), kDim, gu, early, static_cast<const float*>(nullptr)); break;
-          default: launch(toy_gemv<8, 1, false>, 96, 1, s, w2, kDim, 256, static_cast<const __nv_bfloat16*>(gu), kHidden, h, early, static_cast<const float*>(nullptr)); break;
+          case 2: launch_smem(toy_gemv<3, 1, false>, 96, 1, gemv_smem, s, wo, kDim, 96, static_cast<const __nv_bfloat16*>(attn), kDim, h, early, none); break;
+          case 3: launch_smem(toy_gemv<3, 2, true>, 256, 1, gemv_smem, s, w13, 4096, 96, static_cast<const __nv_bfloat16*>(h), kDim, gu, early, none); break;
+          default: launch_smem(toy_gemv<8, 1, false>, 96, 1, gemv_smem, s, w2, kDim, 256, static_cast<const __nv_bfloat16*>(gu), kHidden, h, early, none); break;
         }
       });
       char name[64];
-      std::snprintf(name, sizeof name, "layer, early mask %d", mask);
+      std::snprintf(name, sizeof name, "layer, early mask %d%s", mask, pad ? ", pad" : "");
       std::printf("%-28s %8.2f\n", name, 5 * us);
     }
     // attention and wo as one kernel (the head's share of wo, summed by the w13 GEMV's
