@@ -118,6 +118,7 @@ def op_and_generation_tests(op_tests: str) -> list:
 
 RERUNS = {  # setting: the (file, -k selection) pairs it reruns
     "BABYRT_GEMV=stream": GEMV_TESTS, "BABYRT_GEMV=wide": GEMV_TESTS, "BABYRT_GEMV=regs": GEMV_TESTS,
+    "BABYRT_GEMV=small": GEMV_TESTS,
     "BABYRT_ATTN_LINEAR=1": op_and_generation_tests("attention_linear"),
     "BABYRT_FFN_FUSED=0": op_and_generation_tests("ffn_block"),
     "BABYRT_WO_EARLY=0": op_and_generation_tests("attention_block"),
@@ -154,12 +155,13 @@ def rerun(setting: str, id: str):
 @NEEDS_CUDA
 @UNDER_A_SWITCH
 @pytest.mark.parametrize("setting", [rerun("BABYRT_GEMV=stream", "stream"), rerun("BABYRT_GEMV=wide", "wide"),
-                                     rerun("BABYRT_GEMV=regs", "regs")])
+                                     rerun("BABYRT_GEMV=regs", "regs"), rerun("BABYRT_GEMV=small", "small")])
 def test_cuda_gemv_variant(setting, request, cuda_reruns):
     """The opt-in GEMVs pass the CUDA linear tests too. BABYRT_GEMV=stream: the streamed GEMV
     (bulk copies into a shared-memory ring) for int8 weights from 2 MB on Hopper; =wide: 16
     chunks a lane at 2 blocks an SM for int8 rows of 9 to 16 chunks a lane; =regs: the register
-    kernel for the per-channel int8 rows that the row-buffer kernel takes by default."""
+    kernel for the per-channel int8 rows that the row-buffer kernel takes by default; =small: 4
+    chunks a lane at 4 blocks an SM for one row of x against short float rows."""
     assert_reruns_pass(request, cuda_reruns)
 
 

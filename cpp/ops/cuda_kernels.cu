@@ -36,6 +36,13 @@ constexpr int kBatch = 8;        // 16-byte weight chunks per lane in flight at 
 // 4,097 to 6,144, e.g. 1B's 2048x5632): every warp then reads its row in one round trip to HBM,
 // at 3 blocks an SM (80 registers; a scale a chunk would spill). See launch_gemv.
 constexpr int kLongRowBatch = 12;
+// BABYRT_GEMV=small (opt-in, not yet measured): one row of x against float rows of up to 4
+// chunks a lane (K <= 1024 in bf16: stories110M's QKV and wo, all of stories15M's) at 4 chunks
+// a lane, 4 blocks an SM (64 registers, not 80), so that the next kernels' blocks fit beside
+// a GEMV's and load their weights while it runs. A toy layer's GEMVs, at 38-69 registers, gained
+// 15% from an early launch where babyrt's, at 80, gained 3% (docs/cuda-decode.md, "Eighteenth
+// session").
+constexpr int kSmallBatch = 4;
 constexpr int kAttnThreads = 256;
 constexpr int64_t kEarlyRowsBytes = 96 << 10;  // shared memory for attention's early K and V rows
 constexpr int64_t kMaxAttnCluster = 16;  // heads attention_linear_kernel takes (one cluster)
@@ -83,7 +90,7 @@ __device__ __forceinline__ void stage_block(const GemvArgs& a, unsigned char* sm
 // keep their registers (as a run-time branch it gave them up to 112 bytes of stack).
 template <typename T, typename W, typename S, Act kAct, int kB = kBatch, bool kRowScale = false,
           bool kPair = false>
-__global__ void __launch_bounds__(kWarps * 32, kB <= kLongRowBatch ? 3 : 2) gemv_kernel(GemvArgs a) {
+__global__ void __launch_bounds__(kWarps * 32, kB <= kSmallBatch ? 4 : kB <= kLongRowBatch ? 3 : 2) gemv_kernel(GemvArgs a) {
   extern __shared__ int4 staged[];  // act(x), see gemv_smem_bytes
   unsigned char* smem = reinterpret_cast<unsigned char*>(staged);
   constexpr int E = 16 / sizeof(W);  // weights per 16-byte chunk
@@ -518,6 +525,12 @@ bool launch_gemv(GemvArgs a) {
   static const bool stream = env_is("BABYRT_GEMV", "stream");
   static const bool wide = env_is("BABYRT_GEMV", "wide");
   static const bool regs = env_is("BABYRT_GEMV", "regs");
+  static const bool small = env_is("BABYRT_GEMV", "small");
+  if constexpr (sizeof(W) == sizeof(T) && sizeof(T) == 2) {
+    if (small && !a.pair_half && a.M == 1 && a.K / 8 <= 32 * kSmallBatch &&
+        launch_gemv_grid<T, W, S, kAct, kSmallBatch>(a, true))
+      return true;
+  }
   if (a.pair_half) {  // pairs: RMSNorm only (try_gemv checks); the row buffer as below
     if constexpr (kAct == Act::kRmsNorm) {
       if constexpr (sizeof(W) == 1 && sizeof(T) == 2)
