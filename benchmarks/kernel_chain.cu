@@ -25,7 +25,8 @@
 //               GEMVs at 3 blocks an SM, as babyrt's). "layer attn+wo":
 //               the same with attention and wo as one kernel (each head's block multiplies its
 //               output by its 64 columns of Wo, copied to shared memory before the wait, and
-//               writes fp32 parts that the w13 GEMV sums while staging): 4 kernels a layer.
+//               writes fp32 parts that the w13 GEMV sums while staging; masks from 100: the
+//               last head's block to finish sums them into h instead): 4 kernels a layer.
 //   persistent MODE one kernel of one block an SM running 96 dependent phases, each phase
 //               reading the whole vector the one before wrote (768 bf16, stories110M's x) and
 //               writing its block's slice of the next: the one-kernel step's floor per phase.
@@ -299,8 +300,11 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(dst))),
                "l"(src) : "memory");
 }
+// combine (non-null): the last head's block to finish sums every head's parts into h (after
+// a fence and a count in combine[0]), so that the next GEMV stages h as usual.
 __global__ void __launch_bounds__(kThreads) toy_attention_wo(const __nv_bfloat16* kv, const __nv_bfloat16* qkv,
-                                                            const __nv_bfloat16* wo, float* parts, bool early) {
+                                                            const __nv_bfloat16* wo, float* parts, bool early,
+                                                            unsigned* combine, __nv_bfloat16* h_out) {
   extern __shared__ __align__(16) __nv_bfloat16 big_smem[];
   __nv_bfloat16* ks = big_smem;
   __nv_bfloat16* vs = ks + kSlots * 64;
@@ -349,6 +353,20 @@ __global__ void __launch_bounds__(kThreads) toy_attention_wo(const __nv_bfloat16
     for (int k = 0; k < 64; ++k) y += __bfloat162float(ws[r * 64 + (k + r) % 64]) * o[(k + r) % 64];
     parts[h * kWoRows + r] = y;
   }
+  if (!combine) return;
+  __shared__ bool last;
+  __threadfence();  // this block's parts are visible before it counts itself
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(combine, 1) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int r = threadIdx.x; r < kWoRows; r += kThreads) {
+    float v = __bfloat162float(h_out[r]);
+    for (int head = 0; head < gridDim.x; ++head) v += __ldcg(parts + head * kWoRows + r);
+    h_out[r] = __float2bfloat16(v);
+  }
+  if (threadIdx.x == 0) *combine = 0;  // for the next call (after this kernel ends)
 }
 
 // ---------------------------------------------------------------- persistent phases
@@ -688,7 +706,11 @@ int main(int argc, char** argv) {
     __nv_bfloat16* gu_h;  // w13's output, then the new h (written by its block 0)
     CHECK(cudaMalloc(&gu_h, (2 * kHidden + kDim) * 2));
     CHECK(cudaMemset(gu_h, 0, (2 * kHidden + kDim) * 2));
-    for (int mask : {0, 2, 6, 14, 3, 15}) {
+    unsigned* combine;
+    CHECK(cudaMalloc(&combine, sizeof(unsigned)));
+    CHECK(cudaMemset(combine, 0, sizeof(unsigned)));
+    for (int mask : {0, 2, 6, 14, 3, 15, 100, 102, 106}) {  // 100 +: the last head's block sums the parts
+      const bool last_sums = mask >= 100;
       const double us = time_chain(4 * kLayers, [&](int i, cudaStream_t s) {
         const int l = i / 4;
         const char* base = lw + l * layer_b;
@@ -696,14 +718,20 @@ int main(int argc, char** argv) {
         const __nv_bfloat16* wo = reinterpret_cast<const __nv_bfloat16*>(base + qkv_b);
         const int4* w13 = reinterpret_cast<const int4*>(base + qkv_b + wo_b);
         const int4* w2 = reinterpret_cast<const int4*>(base + qkv_b + wo_b + w13_b);
-        const bool early = mask >> (i % 4) & 1;
+        const bool early = (mask % 100) >> (i % 4) & 1;
         switch (i % 4) {
           case 0: launch(toy_gemv<3, 1, true>, 288, 1, s, wq, 2304, 96, static_cast<const __nv_bfloat16*>(h), kDim, qkv, early,
                          static_cast<const float*>(nullptr)); break;
           case 1: launch_smem(toy_attention_wo, 12, 1, kAttnWoSmem, s, static_cast<const __nv_bfloat16*>(kv + static_cast<size_t>(l) * 12 * 2 * kSlots * 64),
-                              static_cast<const __nv_bfloat16*>(qkv), wo, parts, early); break;
-          case 2: launch(toy_gemv<3, 2, true, 12>, 256, 1, s, w13, 4096, 96, static_cast<const __nv_bfloat16*>(h), kDim, gu_h, early,
-                         static_cast<const float*>(parts)); break;
+                              static_cast<const __nv_bfloat16*>(qkv), wo, parts, early, last_sums ? combine : nullptr, h); break;
+          case 2:
+            if (last_sums)
+              launch(toy_gemv<3, 2, true>, 256, 1, s, w13, 4096, 96, static_cast<const __nv_bfloat16*>(h), kDim, gu_h, early,
+                     static_cast<const float*>(nullptr));
+            else
+              launch(toy_gemv<3, 2, true, 12>, 256, 1, s, w13, 4096, 96, static_cast<const __nv_bfloat16*>(h), kDim, gu_h, early,
+                     static_cast<const float*>(parts));
+            break;
           default: launch(toy_gemv<8, 1, false>, 96, 1, s, w2, kDim, 256, static_cast<const __nv_bfloat16*>(gu_h), kHidden, h, early,
                           static_cast<const float*>(nullptr)); break;
         }
@@ -712,6 +740,7 @@ int main(int argc, char** argv) {
       std::snprintf(name, sizeof name, "layer attn+wo, mask %d", mask);
       std::printf("%-28s %8.2f\n", name, 4 * us);
     }
+    CHECK(cudaFree(combine));
     CHECK(cudaFree(parts));
     CHECK(cudaFree(gu_h));
     CHECK(cudaFree(lw));
