@@ -247,22 +247,12 @@ __global__ void __launch_bounds__(kThreads, 3)
   }
 }
 
-// Attention of one head (D 64) over kSlots slots whose K and V rows are copied into shared
-// memory before the wait; q from the QKV output; 64 outputs.
-constexpr int kSlots = 144;
-__global__ void __launch_bounds__(kThreads) toy_attention(const __nv_bfloat16* kv, const __nv_bfloat16* qkv,
-                                                         __nv_bfloat16* out, bool early) {
-  __shared__ __align__(16) __nv_bfloat16 ks[kSlots * 64], vs[kSlots * 64];
+constexpr int kSlots = 144;  // the toy attention's filled slots
+
+// The toy attention of one head after its wait: q from the QKV output, scores against the K
+// rows in shared memory, softmax, the weighted V rows. Returns output d (threads below 64).
+__device__ float toy_attend(const __nv_bfloat16* ks, const __nv_bfloat16* vs, const __nv_bfloat16* qkv, int h) {
   __shared__ float p[kSlots], q[64], red[4 * 64], stat[2];
-  const int h = blockIdx.x;
-  const int4* src = reinterpret_cast<const int4*>(kv + static_cast<size_t>(h) * 2 * kSlots * 64);
-  for (int i = threadIdx.x; i < kSlots * 8; i += kThreads) {
-    reinterpret_cast<int4*>(ks)[i] = __ldcg(src + i);
-    reinterpret_cast<int4*>(vs)[i] = __ldcg(src + kSlots * 8 + i);
-  }
-  if (early) pdl_launch();
-  pdl_wait();
-  if (!early) pdl_launch();
   if (threadIdx.x < 64) q[threadIdx.x] = __bfloat162float(__ldcg(qkv + h * 64 + threadIdx.x));
   __syncthreads();
   if (threadIdx.x < kSlots) {
@@ -287,8 +277,25 @@ __global__ void __launch_bounds__(kThreads) toy_attention(const __nv_bfloat16* k
     acc += __expf(p[i] - stat[0]) * __bfloat162float(vs[i * 64 + d]);
   red[quarter * 64 + d] = acc;
   __syncthreads();
-  if (threadIdx.x < 64)
-    out[h * 64 + d] = __float2bfloat16((red[d] + red[64 + d] + red[128 + d] + red[192 + d]) / stat[1]);
+  return threadIdx.x < 64 ? (red[d] + red[64 + d] + red[128 + d] + red[192 + d]) / stat[1] : 0.f;
+}
+
+// Attention of one head (D 64) over kSlots slots whose K and V rows are copied into shared
+// memory before the wait; q from the QKV output; 64 outputs.
+__global__ void __launch_bounds__(kThreads) toy_attention(const __nv_bfloat16* kv, const __nv_bfloat16* qkv,
+                                                         __nv_bfloat16* out, bool early) {
+  __shared__ __align__(16) __nv_bfloat16 ks[kSlots * 64], vs[kSlots * 64];
+  const int h = blockIdx.x;
+  const int4* src = reinterpret_cast<const int4*>(kv + static_cast<size_t>(h) * 2 * kSlots * 64);
+  for (int i = threadIdx.x; i < kSlots * 8; i += kThreads) {
+    reinterpret_cast<int4*>(ks)[i] = __ldcg(src + i);
+    reinterpret_cast<int4*>(vs)[i] = __ldcg(src + kSlots * 8 + i);
+  }
+  if (early) pdl_launch();
+  pdl_wait();
+  if (!early) pdl_launch();
+  const float y = toy_attend(ks, vs, qkv, h);
+  if (threadIdx.x < 64) out[h * 64 + threadIdx.x] = __float2bfloat16(y);
 }
 
 // toy_attention, then the head's share of the wo product: the head's 64 columns of Wo (768
@@ -309,7 +316,7 @@ __global__ void __launch_bounds__(kThreads) toy_attention_wo(const __nv_bfloat16
   __nv_bfloat16* ks = big_smem;
   __nv_bfloat16* vs = ks + kSlots * 64;
   __nv_bfloat16* ws = vs + kSlots * 64;
-  __shared__ float p[kSlots], q[64], red[4 * 64], stat[2], o[64];
+  __shared__ float o[64];
   const int h = blockIdx.x;
   const int4* src = reinterpret_cast<const int4*>(kv + static_cast<size_t>(h) * 2 * kSlots * 64);
   for (int i = threadIdx.x; i < kSlots * 8; i += kThreads) {
@@ -322,31 +329,8 @@ __global__ void __launch_bounds__(kThreads) toy_attention_wo(const __nv_bfloat16
   pdl_wait();
   if (!early) pdl_launch();
   asm volatile("cp.async.wait_all;" ::: "memory");
-  if (threadIdx.x < 64) q[threadIdx.x] = __bfloat162float(__ldcg(qkv + h * 64 + threadIdx.x));
-  __syncthreads();
-  if (threadIdx.x < kSlots) {
-    float sc = 0.f;
-    for (int d = 0; d < 64; ++d) sc += q[(d + threadIdx.x) % 64] * __bfloat162float(ks[threadIdx.x * 64 + (d + threadIdx.x) % 64]);
-    p[threadIdx.x] = sc * 0.125f;
-  }
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    float m = -1e30f;
-    for (int i = threadIdx.x; i < kSlots; i += 32) m = fmaxf(m, p[i]);
-    for (int off = 16; off; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, off));
-    float sum = 0.f;
-    for (int i = threadIdx.x; i < kSlots; i += 32) sum += __expf(p[i] - m);
-    for (int off = 16; off; off /= 2) sum += __shfl_xor_sync(0xffffffff, sum, off);
-    if (threadIdx.x == 0) stat[0] = m, stat[1] = sum;
-  }
-  __syncthreads();
-  const int d = threadIdx.x % 64, quarter = threadIdx.x / 64;
-  float acc = 0.f;
-  for (int i = quarter * (kSlots / 4); i < (quarter + 1) * (kSlots / 4); ++i)
-    acc += __expf(p[i] - stat[0]) * __bfloat162float(vs[i * 64 + d]);
-  red[quarter * 64 + d] = acc;
-  __syncthreads();
-  if (threadIdx.x < 64) o[d] = (red[d] + red[64 + d] + red[128 + d] + red[192 + d]) / stat[1];
+  const float y = toy_attend(ks, vs, qkv, h);
+  if (threadIdx.x < 64) o[threadIdx.x] = y;
   __syncthreads();
   for (int r = threadIdx.x; r < kWoRows; r += kThreads) {
     float y = 0.f;
@@ -650,6 +634,8 @@ int main(int argc, char** argv) {
     char* lw;
     CHECK(cudaMalloc(&lw, layer_b * kLayers));
     CHECK(cudaMemset(lw, 0, layer_b * kLayers));
+    // Layer l's matrix at byte offset off of its weights (QKV, wo, w13, w2, in that order).
+    auto layer_matrix = [&](int l, size_t off) { return reinterpret_cast<const int4*>(lw + l * layer_b + off); };
     __nv_bfloat16 *h, *qkv, *attn, *gu, *kv;
     CHECK(cudaMalloc(&h, kDim * 2));
     CHECK(cudaMalloc(&qkv, 2304 * 2));
@@ -677,11 +663,10 @@ int main(int argc, char** argv) {
       const size_t gemv_smem = pad ? kPad : 0;
       const double us = time_chain(5 * kLayers, [&](int i, cudaStream_t s) {
         const int l = i / 5;
-        const char* base = lw + l * layer_b;
-        const int4* wq = reinterpret_cast<const int4*>(base);
-        const int4* wo = reinterpret_cast<const int4*>(base + qkv_b);
-        const int4* w13 = reinterpret_cast<const int4*>(base + qkv_b + wo_b);
-        const int4* w2 = reinterpret_cast<const int4*>(base + qkv_b + wo_b + w13_b);
+        const int4* wq = layer_matrix(l, 0);
+        const int4* wo = layer_matrix(l, qkv_b);
+        const int4* w13 = layer_matrix(l, qkv_b + wo_b);
+        const int4* w2 = layer_matrix(l, qkv_b + wo_b + w13_b);
         const bool early = mask >> (i % 5) & 1;
         const float* none = nullptr;
         switch (i % 5) {
@@ -713,11 +698,10 @@ int main(int argc, char** argv) {
       const bool last_sums = mask >= 100;
       const double us = time_chain(4 * kLayers, [&](int i, cudaStream_t s) {
         const int l = i / 4;
-        const char* base = lw + l * layer_b;
-        const int4* wq = reinterpret_cast<const int4*>(base);
-        const __nv_bfloat16* wo = reinterpret_cast<const __nv_bfloat16*>(base + qkv_b);
-        const int4* w13 = reinterpret_cast<const int4*>(base + qkv_b + wo_b);
-        const int4* w2 = reinterpret_cast<const int4*>(base + qkv_b + wo_b + w13_b);
+        const int4* wq = layer_matrix(l, 0);
+        const auto* wo = reinterpret_cast<const __nv_bfloat16*>(layer_matrix(l, qkv_b));
+        const int4* w13 = layer_matrix(l, qkv_b + wo_b);
+        const int4* w2 = layer_matrix(l, qkv_b + wo_b + w13_b);
         const bool early = (mask % 100) >> (i % 4) & 1;
         switch (i % 4) {
           case 0: launch(toy_gemv<3, 1, true>, 288, 1, s, wq, 2304, 96, static_cast<const __nv_bfloat16*>(h), kDim, qkv, early,
