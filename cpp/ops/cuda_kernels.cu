@@ -527,7 +527,8 @@ bool launch_gemv(GemvArgs a) {
   static const bool regs = env_is("BABYRT_GEMV", "regs");
   static const bool small = env_is("BABYRT_GEMV", "small");
   if constexpr (sizeof(W) == sizeof(T) && sizeof(T) == 2) {
-    if (small && !a.pair_half && a.M == 1 && a.K / 8 <= 32 * kSmallBatch &&
+    const int chunks = a.K / (16 / sizeof(W));  // 16-byte chunks a row
+    if (small && !a.pair_half && a.M == 1 && chunks <= 32 * kSmallBatch &&
         launch_gemv_grid<T, W, S, kAct, kSmallBatch>(a, true))
       return true;
   }
