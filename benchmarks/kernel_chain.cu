@@ -41,6 +41,9 @@
 // without PDL). H200, fifteenth session (docs/cuda-decode.md has the table): a link of 132
 // blocks 1.03 us under PDL, a second dependent load +0.13 us, the GEMV 2.84 us; after the GEMV
 // a plain kernel adds 1.07 us, one with 100 KB of shared memory 1.3, one in clusters 1.6-1.9.
+// Nineteenth session: the toy layer 16.7 us (mask 2) -> 12.9 with "pad" and 12.8 with
+// --carveout 100: its kernels ran under different L1 / shared splits, and an SM holds blocks of
+// two kernels only under one split; "layer attn+wo" 18.0-20.1 us, slower than the 5 kernels.
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
@@ -560,7 +563,14 @@ int main(int argc, char** argv) {
                              reinterpret_cast<const void*>(vec_kernel<true>),
                              reinterpret_cast<const void*>(vec_kernel<false, true>),
                              reinterpret_cast<const void*>(cluster_kernel),
-                             reinterpret_cast<const void*>(gemv_kernel)};
+                             reinterpret_cast<const void*>(gemv_kernel),
+                             reinterpret_cast<const void*>(toy_gemv<3, 1, true>),
+                             reinterpret_cast<const void*>(toy_gemv<3, 1, false>),
+                             reinterpret_cast<const void*>(toy_gemv<3, 2, true>),
+                             reinterpret_cast<const void*>(toy_gemv<8, 1, false>),
+                             reinterpret_cast<const void*>(toy_gemv<3, 2, true, 12>),
+                             reinterpret_cast<const void*>(toy_attention),
+                             reinterpret_cast<const void*>(toy_attention_wo)};
     for (const void* k : kernels)
       CHECK(cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, carveout));
   }

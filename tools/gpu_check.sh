@@ -10,7 +10,7 @@
 #   profile: the kernels of a decode step, per shape (benchmarks/cuda_decode_profile.py), with
 #   PDL off so that kernel durations do not overlap (PROFILE_PDL=1: on, for the marginal times).
 #   chain: benchmarks/kernel_chain.cu (what a kernel boundary costs, apart from babyrt's kernels),
-#   with PDL on and off.
+#   with PDL on, off, and on with every kernel preferring all shared memory (CHAIN_RUNS).
 #   sweep: tools/seed_sweep.py over the specs in $SWEEP_FILE (one NAME:PRESET:JSON per line), all
 #   at once on the GPU, while the tests run (int8 runs before it, bench after it).
 set -uo pipefail
@@ -146,8 +146,11 @@ if [[ $what == *profile* ]]; then
     2>&1 | grep -v Warning | sed 's/^/one graph per token: /'
 fi
 if [[ $what == *chain* ]]; then
-  nvcc -O3 -std=c++17 -arch=sm_90a "$repo/benchmarks/kernel_chain.cu" -o "$OUT/kernel_chain" &&
-    "$OUT/kernel_chain" | tee "$OUT/kernel_chain.txt" && "$OUT/kernel_chain" --no-pdl | tee -a "$OUT/kernel_chain.txt"
+  # CHAIN_RUNS: the argument sets to run it with, separated by ";".
+  if nvcc -O3 -std=c++17 -arch=sm_90a "$repo/benchmarks/kernel_chain.cu" -o "$OUT/kernel_chain"; then
+    IFS=';' read -ra chain_runs <<< "${CHAIN_RUNS:-;--no-pdl;--carveout 100}"
+    for args in "${chain_runs[@]}"; do "$OUT/kernel_chain" $args | tee -a "$OUT/kernel_chain.txt"; done
+  fi
   rm -f "$OUT/kernel_chain"
 fi
 if [[ $what == *seed* || $what == all ]]; then

@@ -108,11 +108,41 @@ inline int env_count(const char* name) {
   return v ? std::max(std::atoi(v), 0) : 0;
 }
 
+// An SM runs blocks of two kernels at once only under one split of its L1 / shared memory, and
+// the driver picks a kernel's split from the shared memory it needs: a GEMV with little shared
+// memory and the attention after it need different splits, so attention's blocks (and their
+// copies before the PDL wait) wait for the GEMV's to leave. Measurement knobs, once per kernel:
+// BABYRT_CARVEOUT=N, every kernel prefers N% shared memory (100: one split for all);
+// BABYRT_SMEM_FLOOR=BYTES, every launch takes at least that much dynamic shared memory.
+inline size_t shape_smem(const void* kernel, size_t smem) {
+  static const char* carveout = std::getenv("BABYRT_CARVEOUT");
+  static const size_t floor = env_count("BABYRT_SMEM_FLOOR");
+  if (!carveout && smem >= floor) return smem;
+  static std::mutex mutex;
+  static std::map<const void*, int> max_dynamic;  // the attribute as last set, per kernel
+  std::lock_guard<std::mutex> lock(mutex);
+  auto known = max_dynamic.find(kernel);
+  if (known == max_dynamic.end()) {
+    if (carveout)
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, std::atoi(carveout)));
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    known = max_dynamic.emplace(kernel, attr.maxDynamicSharedSizeBytes).first;
+  }
+  if (smem >= floor) return smem;
+  if (known->second < static_cast<int>(floor)) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(floor)));
+    known->second = static_cast<int>(floor);
+  }
+  return floor;
+}
+
 // Launches kernel on the current stream with PDL and, when cluster > 1, thread-block clusters
 // of `cluster` blocks along x (grid.x must be a multiple of it).
 template <typename Kernel, typename... Args>
 void launch_clustered(Kernel kernel, dim3 grid, dim3 block, size_t smem, int cluster, Args... args) {
   static const bool pdl = !env_is("BABYRT_PDL", "0");
+  smem = shape_smem(reinterpret_cast<const void*>(kernel), smem);
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;

@@ -36,12 +36,12 @@ constexpr int kBatch = 8;        // 16-byte weight chunks per lane in flight at 
 // 4,097 to 6,144, e.g. 1B's 2048x5632): every warp then reads its row in one round trip to HBM,
 // at 3 blocks an SM (80 registers; a scale a chunk would spill). See launch_gemv.
 constexpr int kLongRowBatch = 12;
-// BABYRT_GEMV=small (opt-in, not yet measured): one row of x against float rows of up to 4
-// chunks a lane (K <= 1024 in bf16: stories110M's QKV and wo, all of stories15M's) at 4 chunks
-// a lane, 4 blocks an SM (64 registers, not 80), so that the next kernels' blocks fit beside
-// a GEMV's and load their weights while it runs. A toy layer's GEMVs, at 38-69 registers, gained
-// 15% from an early launch where babyrt's, at 80, gained 3% (docs/cuda-decode.md, "Eighteenth
-// session").
+// BABYRT_GEMV=small (opt-in): one row of x against float rows of up to 4 chunks a lane (K <=
+// 1024 in bf16: stories110M's QKV and wo, all of stories15M's) at 4 chunks a lane, 4 blocks an
+// SM (64 registers, not 80), so that the next kernels' blocks fit beside a GEMV's. Measured
+// (H200, nineteenth session, bf16 tok/s): stories15M 11,330-11,434 -> 11,720, stories110M
+// 4,578-4,587 -> 4,480; int8 unchanged. The toy layer's gain from an early launch was not its
+// registers but the L1 / shared split (docs/cuda-decode.md, "Nineteenth session").
 constexpr int kSmallBatch = 4;
 constexpr int kAttnThreads = 256;
 constexpr int64_t kEarlyRowsBytes = 96 << 10;  // shared memory for attention's early K and V rows
@@ -686,11 +686,11 @@ at::Tensor ffn_block_cuda(const at::Tensor& x, const at::Tensor& norm_weight, do
                           const OptTensor& w2_scales) {
   check_ffn_block(x, norm_weight, w13, w13_scales, w2, w2_scales);
   static const bool fused = !env_is("BABYRT_FFN_FUSED", "0");
-  // BABYRT_FFN_EARLY=1 (opt-in, not yet measured): both GEMVs let the next kernel launch before
-  // their own PDL wait, as attention_block's wo GEMV does (the toy layer of kernel_chain.cu:
-  // 14.05 us with the wo, w13 and w2 GEMVs early against 14.17 with the wo GEMV alone). Safe
-  // as the wo GEMV's is: what follows either is a GEMV (w2; the next layer's QKV GEMV or the
-  // classifier), which reads only weights before its wait.
+  // BABYRT_FFN_EARLY=1 (opt-in): both GEMVs let the next kernel launch before their own PDL
+  // wait, as attention_block's wo GEMV does. Safe as the wo GEMV's is: what follows either is a
+  // GEMV (w2; the next layer's QKV GEMV or the classifier), which reads only weights before its
+  // wait. Slower (H200, nineteenth session, bf16 / int8 tok/s): stories110M 4,578-4,587 /
+  // 5,933-5,963 -> 4,313 / 5,961, 1B 1,121-1,125 / 1,866-1,873 -> 1,098 / 1,818.
   static const bool early = env_is("BABYRT_FFN_EARLY", "1");
   const int64_t hidden = w13.size(0) / 2;
   if (fused && x.numel() && x.numel() / x.size(-1) <= kMaxRows) {
