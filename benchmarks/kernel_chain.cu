@@ -37,8 +37,8 @@
 //               each phase a GEMV of 2304 rows of 768 bf16 from HBM, its block's rows loaded
 //               into registers at the phase's start, before the wait for x
 // Build: nvcc -O3 -std=c++17 -arch=sm_90a benchmarks/kernel_chain.cu -o kernel_chain
-// Run: ./kernel_chain [--no-pdl] [--carveout PERCENT]   (tools/gpu_check.sh chain: with and
-// without PDL). H200, fifteenth session (docs/cuda-decode.md has the table): a link of 132
+// Run: ./kernel_chain [--no-pdl] [--carveout PERCENT | --carveout-gemvs PERCENT]
+// (tools/gpu_check.sh chain: with and without PDL, and with all shared memory preferred). H200, fifteenth session (docs/cuda-decode.md has the table): a link of 132
 // blocks 1.03 us under PDL, a second dependent load +0.13 us, the GEMV 2.84 us; after the GEMV
 // a plain kernel adds 1.07 us, one with 100 KB of shared memory 1.3, one in clusters 1.6-1.9.
 // Nineteenth session: the toy layer 16.7 us (mask 2) -> 12.9 with "pad" and 12.8 with
@@ -550,29 +550,36 @@ double time_chain(int links, const std::function<void(int, cudaStream_t)>& link)
 }
 
 int main(int argc, char** argv) {
-  // --carveout N: every kernel prefers N% of the SM's L1 / shared memory as shared memory.
+  // --carveout N: every kernel prefers N% of the SM's L1 / shared memory as shared memory;
+  // --carveout-gemvs N: the GEMVs only (the toy attention keeps the split the driver picks).
   int carveout = -1;
+  bool gemvs_only = false;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--no-pdl")) g_pdl = false;
-    if (!std::strcmp(argv[i], "--carveout") && i + 1 < argc) carveout = std::atoi(argv[++i]);
+    if ((!std::strcmp(argv[i], "--carveout") || !std::strcmp(argv[i], "--carveout-gemvs")) && i + 1 < argc) {
+      gemvs_only = !std::strcmp(argv[i], "--carveout-gemvs");
+      carveout = std::atoi(argv[++i]);
+    }
   }
   CHECK(cudaFuncSetAttribute(vec_kernel<false, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kBigSmem));
   if (carveout >= 0) {
-    const void* kernels[] = {reinterpret_cast<const void*>(empty_kernel),
-                             reinterpret_cast<const void*>(vec_kernel<false>),
-                             reinterpret_cast<const void*>(vec_kernel<true>),
-                             reinterpret_cast<const void*>(vec_kernel<false, true>),
-                             reinterpret_cast<const void*>(cluster_kernel),
-                             reinterpret_cast<const void*>(gemv_kernel),
-                             reinterpret_cast<const void*>(toy_gemv<3, 1, true>),
-                             reinterpret_cast<const void*>(toy_gemv<3, 1, false>),
-                             reinterpret_cast<const void*>(toy_gemv<3, 2, true>),
-                             reinterpret_cast<const void*>(toy_gemv<8, 1, false>),
-                             reinterpret_cast<const void*>(toy_gemv<3, 2, true, 12>),
-                             reinterpret_cast<const void*>(toy_attention),
-                             reinterpret_cast<const void*>(toy_attention_wo)};
-    for (const void* k : kernels)
+    const void* gemvs[] = {reinterpret_cast<const void*>(gemv_kernel),
+                           reinterpret_cast<const void*>(toy_gemv<3, 1, true>),
+                           reinterpret_cast<const void*>(toy_gemv<3, 1, false>),
+                           reinterpret_cast<const void*>(toy_gemv<3, 2, true>),
+                           reinterpret_cast<const void*>(toy_gemv<8, 1, false>),
+                           reinterpret_cast<const void*>(toy_gemv<3, 2, true, 12>)};
+    const void* others[] = {reinterpret_cast<const void*>(empty_kernel),
+                            reinterpret_cast<const void*>(vec_kernel<false>),
+                            reinterpret_cast<const void*>(vec_kernel<true>),
+                            reinterpret_cast<const void*>(vec_kernel<false, true>),
+                            reinterpret_cast<const void*>(cluster_kernel),
+                            reinterpret_cast<const void*>(toy_attention),
+                            reinterpret_cast<const void*>(toy_attention_wo)};
+    for (const void* k : gemvs)
       CHECK(cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, carveout));
+    for (const void* k : others)
+      if (!gemvs_only) CHECK(cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, carveout));
   }
   int sms;
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
@@ -595,8 +602,8 @@ int main(int argc, char** argv) {
   const int gemv_grid = (kRows + kThreads / 32 - 1) / (kThreads / 32);
   const int links = 96;
 
-  std::printf("kernel_chain: %d SMs, PDL %s, carveout %d, us per link (%d links a graph)\n", sms,
-              g_pdl ? "on" : "off", carveout, links);
+  std::printf("kernel_chain: %d SMs, PDL %s, carveout %d%s, us per link (%d links a graph)\n", sms,
+              g_pdl ? "on" : "off", carveout, gemvs_only ? " (GEMVs only)" : "", links);
   std::printf("%-28s %8.2f\n", "empty",
               time_chain(links, [&](int, cudaStream_t s) { launch(empty_kernel, sms, 1, s); }));
   for (int grid : {12, sms, 2 * sms, 3 * sms}) {

@@ -10,7 +10,8 @@
 #   profile: the kernels of a decode step, per shape (benchmarks/cuda_decode_profile.py), with
 #   PDL off so that kernel durations do not overlap (PROFILE_PDL=1: on, for the marginal times).
 #   chain: benchmarks/kernel_chain.cu (what a kernel boundary costs, apart from babyrt's kernels),
-#   with PDL on, off, and on with every kernel preferring all shared memory (CHAIN_RUNS).
+#   with PDL on, and with every kernel (then every GEMV) preferring all shared memory
+#   (CHAIN_RUNS: e.g. ";--no-pdl" for PDL on and off).
 #   sweep: tools/seed_sweep.py over the specs in $SWEEP_FILE (one NAME:PRESET:JSON per line), all
 #   at once on the GPU, while the tests run (int8 runs before it, bench after it).
 set -uo pipefail
@@ -148,7 +149,7 @@ fi
 if [[ $what == *chain* ]]; then
   # CHAIN_RUNS: the argument sets to run it with, separated by ";".
   if nvcc -O3 -std=c++17 -arch=sm_90a "$repo/benchmarks/kernel_chain.cu" -o "$OUT/kernel_chain"; then
-    IFS=';' read -ra chain_runs <<< "${CHAIN_RUNS:-;--no-pdl;--carveout 100}"
+    IFS=';' read -ra chain_runs <<< "${CHAIN_RUNS:-;--carveout 100;--carveout-gemvs 100}"
     for args in "${chain_runs[@]}"; do "$OUT/kernel_chain" $args | tee -a "$OUT/kernel_chain.txt"; done
   fi
   rm -f "$OUT/kernel_chain"

@@ -17,6 +17,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
 
 #include "ops/ops.h"
@@ -112,10 +113,25 @@ inline int env_count(const char* name) {
 // the driver picks a kernel's split from the shared memory it needs: a GEMV with little shared
 // memory and the attention after it need different splits, so attention's blocks (and their
 // copies before the PDL wait) wait for the GEMV's to leave. Measurement knobs, once per kernel:
-// BABYRT_CARVEOUT=N, every kernel prefers N% shared memory (100: one split for all);
+// BABYRT_CARVEOUT=N, every kernel prefers N% shared memory (100: one split for all) but those
+// whose (mangled) names contain one of BABYRT_CARVEOUT_SKIP's ':'-separated words (e.g.
+// attention_decode: attention keeps its own split, so the next GEMV's blocks wait for its);
 // BABYRT_SMEM_FLOOR=BYTES, every launch takes at least that much dynamic shared memory.
+inline bool named_in(const void* kernel, const char* words) {
+  const char* name = nullptr;
+  if (!words || cudaFuncGetName(&name, kernel) != cudaSuccess || !name) return false;
+  for (const char* w = words; *w;) {
+    const char* end = std::strchr(w, ':');
+    const std::string word(w, end ? end - w : std::strlen(w));
+    if (!word.empty() && std::strstr(name, word.c_str())) return true;
+    if (!end) break;
+    w = end + 1;
+  }
+  return false;
+}
 inline size_t shape_smem(const void* kernel, size_t smem) {
   static const char* carveout = std::getenv("BABYRT_CARVEOUT");
+  static const char* skip = std::getenv("BABYRT_CARVEOUT_SKIP");
   static const size_t floor = env_count("BABYRT_SMEM_FLOOR");
   if (!carveout && smem >= floor) return smem;
   static std::mutex mutex;
@@ -123,7 +139,7 @@ inline size_t shape_smem(const void* kernel, size_t smem) {
   std::lock_guard<std::mutex> lock(mutex);
   auto known = max_dynamic.find(kernel);
   if (known == max_dynamic.end()) {
-    if (carveout)
+    if (carveout && !named_in(kernel, skip))
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, std::atoi(carveout)));
     cudaFuncAttributes attr;
     C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
