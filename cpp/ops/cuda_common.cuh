@@ -11,6 +11,7 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <fnmatch.h>  // BABYRT_CARVEOUT_SKIP's patterns
 #include <algorithm>
 #include <climits>
 #include <cstdlib>
@@ -114,8 +115,9 @@ inline int env_count(const char* name) {
 // memory and the attention after it need different splits, so attention's blocks (and their
 // copies before the PDL wait) wait for the GEMV's to leave. Measurement knobs, once per kernel:
 // BABYRT_CARVEOUT=N, every kernel prefers N% shared memory (100: one split for all) but those
-// whose (mangled) names contain one of BABYRT_CARVEOUT_SKIP's ':'-separated words (e.g.
-// attention_decode: attention keeps its own split, so the next GEMV's blocks wait for its);
+// whose (mangled) names contain one of BABYRT_CARVEOUT_SKIP's ':'-separated shell patterns
+// (e.g. attention_decode: attention keeps its own split, so the next GEMV's blocks wait for
+// its; gemv_rowbuf*ActE0: the row-buffer GEMVs without RMSNorm or SwiGLU staging);
 // BABYRT_SMEM_FLOOR=BYTES, every launch takes at least that much dynamic shared memory.
 inline bool named_in(const void* kernel, const char* words) {
   const char* name = nullptr;
@@ -123,7 +125,7 @@ inline bool named_in(const void* kernel, const char* words) {
   for (const char* w = words; *w;) {
     const char* end = std::strchr(w, ':');
     const std::string word(w, end ? end - w : std::strlen(w));
-    if (!word.empty() && std::strstr(name, word.c_str())) return true;
+    if (!word.empty() && fnmatch(("*" + word + "*").c_str(), name, 0) == 0) return true;
     if (!end) break;
     w = end + 1;
   }
