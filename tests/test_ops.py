@@ -124,8 +124,7 @@ RERUNS = {  # setting: the (file, -k selection) pairs it reruns
     "BABYRT_FFN_FUSED=0": op_and_generation_tests("ffn_block"),
     "BABYRT_WO_EARLY=0": op_and_generation_tests("attention_block"),
     "BABYRT_FFN_EARLY=1": op_and_generation_tests("ffn_block"),
-    "BABYRT_CARVEOUT=-1": op_and_generation_tests("attention_block or ffn_block"),
-    "BABYRT_CARVEOUT_SKIP=attention_decode": op_and_generation_tests("attention_block or ffn_block"),
+    "BABYRT_CARVEOUT=100": op_and_generation_tests("attention_block or ffn_block"),
     "BABYRT_SMEM_FLOOR=32768": op_and_generation_tests("attention_block or ffn_block"),
 }
 
@@ -202,17 +201,15 @@ def test_cuda_launch_order(setting, request, cuda_reruns):
 
 @NEEDS_CUDA
 @UNDER_A_SWITCH
-@pytest.mark.parametrize("setting", [rerun("BABYRT_CARVEOUT=-1", "driver-split"),
-                                     rerun("BABYRT_CARVEOUT_SKIP=attention_decode", "rowbuf-one-split"),
+@pytest.mark.parametrize("setting", [rerun("BABYRT_CARVEOUT=100", "carveout"),
                                      rerun("BABYRT_SMEM_FLOOR=32768", "smem-floor")])
 def test_cuda_shared_memory_split(setting, request, cuda_reruns):
-    """Which kernels' blocks share an SM changes no result. By default every kernel but the int8
-    row-buffer GEMVs prefers all shared memory (one L1 / shared split, so the next kernel's
-    blocks start beside the previous one's); BABYRT_CARVEOUT=-1 leaves every kernel the
-    driver's split, BABYRT_CARVEOUT_SKIP=attention_decode puts the row-buffer GEMVs under the
-    one split and leaves attention the driver's, and BABYRT_SMEM_FLOOR=32768 makes every launch
-    take at least 32 KB of shared memory (fewer blocks an SM). Each passes the layer ops' tests
-    and the CUDA generation tests (greedy parity with the CPU, batches, graphs)."""
+    """Which kernels' blocks share an SM changes no result: BABYRT_CARVEOUT=100 (every kernel
+    but the int8 row-buffer GEMVs prefers all shared memory, so they run under one L1 / shared
+    split and the next kernel's blocks start beside the previous one's) and
+    BABYRT_SMEM_FLOOR=32768 (every launch takes at least 32 KB of shared memory, fewer blocks an
+    SM) pass the layer ops' tests and the CUDA generation tests (greedy parity with the CPU,
+    batches, graphs)."""
     assert_reruns_pass(request, cuda_reruns)
 
 

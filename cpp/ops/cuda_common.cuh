@@ -113,16 +113,17 @@ inline int env_count(const char* name) {
 // An SM runs blocks of two kernels at once only under one split of its L1 / shared memory, and
 // the driver picks a kernel's split from the shared memory it needs: a GEMV with little shared
 // memory and the attention after it need different splits, so attention's blocks (and their
-// copies before the PDL wait) wait for the GEMV's to leave. So every kernel prefers all shared
-// memory (one split), but the int8 row-buffer GEMVs, which keep the driver's: under one split
-// the wo row-buffer GEMV lands its blocks beside attention's and 1B int8 lost 4.5% (H200,
-// bf16 / int8 tok/s, one build: stories110M 4,584 / 5,923-5,963 -> 4,732 / 5,949, 1B 1,124-1,128
-// / 1,867-1,873 -> 1,182 / 1,879, stories15M 11,215-11,411 / 13,356-13,591 -> 11,361 / 13,519).
-// Measurement knobs, read once per kernel: BABYRT_CARVEOUT=N, kernels prefer N% shared memory
-// (-1: the driver's split for all, as before) but those whose (mangled) names contain one of
-// BABYRT_CARVEOUT_SKIP's ':'-separated shell patterns (default gemv_rowbuf; empty: none; e.g.
-// gemv_rowbuf*ActE0, the row-buffer GEMVs without RMSNorm or SwiGLU staging);
-// BABYRT_SMEM_FLOOR=BYTES, every launch takes at least that much dynamic shared memory.
+// copies before the PDL wait) wait for the GEMV's to leave. Opt-in, read once per kernel:
+// BABYRT_CARVEOUT=N, kernels prefer N% shared memory (100: one split) but those whose (mangled)
+// names contain one of BABYRT_CARVEOUT_SKIP's ':'-separated shell patterns (default
+// gemv_rowbuf: the int8 row-buffer GEMVs keep the driver's split, since under one split the wo
+// row-buffer GEMV lands its blocks beside attention's and 1B int8 lost 4.5%; empty: none; e.g.
+// gemv_rowbuf*ActE0, the row-buffer GEMVs without RMSNorm or SwiGLU staging). H200, bf16 / int8
+// tok/s, one build: stories110M 4,584 / 5,923-5,963 -> 4,732 / 5,949, 1B 1,124-1,128 /
+// 1,867-1,873 -> 1,182 / 1,879, stories15M 11,215-11,411 / 13,356-13,591 -> 11,361 / 13,519.
+// Not the default: as the default, the reruns under BABYRT_ATTN_LINEAR=1 did not finish
+// (docs/cuda-decode.md, twentieth session). BABYRT_SMEM_FLOOR=BYTES: every launch takes at
+// least that much dynamic shared memory.
 inline bool named_in(const void* kernel, const char* words) {
   const char* name = nullptr;
   if (cudaFuncGetName(&name, kernel) != cudaSuccess || !name) return false;
@@ -136,9 +137,10 @@ inline bool named_in(const void* kernel, const char* words) {
   return false;
 }
 inline size_t shape_smem(const void* kernel, size_t smem) {
-  static const int carveout = std::getenv("BABYRT_CARVEOUT") ? std::atoi(std::getenv("BABYRT_CARVEOUT")) : 100;
+  static const int carveout = std::getenv("BABYRT_CARVEOUT") ? std::atoi(std::getenv("BABYRT_CARVEOUT")) : -1;
   static const char* skip = std::getenv("BABYRT_CARVEOUT_SKIP") ? std::getenv("BABYRT_CARVEOUT_SKIP") : "gemv_rowbuf";
   static const size_t floor = env_count("BABYRT_SMEM_FLOOR");
+  if (carveout < 0 && smem >= floor) return smem;  // the default: nothing to set
   static std::mutex mutex;
   static std::map<const void*, int> max_dynamic;  // the attribute as last set, per kernel
   std::lock_guard<std::mutex> lock(mutex);
