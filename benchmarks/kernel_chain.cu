@@ -28,6 +28,9 @@
 //               output by its 64 columns of Wo, copied to shared memory before the wait, and
 //               writes fp32 parts that the w13 GEMV sums while staging; masks from 100: the
 //               last head's block to finish sums them into h instead): 4 kernels a layer.
+//               "by role": the layer's kernels each record their end (%globaltimer), and each
+//               role's marginal time (its end less the previous kernel's) is averaged over
+//               layers 1-11 of 20 replays, as benchmarks/cuda_decode_profile.py's under PDL.
 //   persistent MODE one kernel of one block an SM running 96 dependent phases, each phase
 //               reading the whole vector the one before wrote (768 bf16, stories110M's x) and
 //               writing its block's slice of the next: the one-kernel step's floor per phase.
@@ -53,6 +56,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -73,6 +77,18 @@ constexpr int kRows = 2304, kRowBytes = 1536;
 
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void pdl_launch() { asm volatile("griddepcontrol.launch_dependents;"); }
+
+// The toy layer's kernels by role: each block, once all its threads are done, raises *stamp to
+// the global timer (ns), so that *stamp ends as the kernel's end (null: nothing recorded).
+__device__ __forceinline__ void stamp_end(unsigned long long* stamp) {
+  if (!stamp) return;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    atomicMax(stamp, t);
+  }
+}
 
 __device__ float block_sum(float v) {
   __shared__ float part[kThreads / 32];
@@ -167,7 +183,7 @@ __global__ void __launch_bounds__(kThreads, 3) gemv_kernel(const int4* w, const 
 template <int C, int R, bool kNorm, int kParts = 0>
 __global__ void __launch_bounds__(kThreads, 3)
     toy_gemv(const int4* w, int N, int row_chunks, const __nv_bfloat16* x, int K, __nv_bfloat16* y, bool early,
-             const float* parts = nullptr) {
+             const float* parts, unsigned long long* stamp) {
   __shared__ __align__(16) __nv_bfloat16 xs[2048];
   __shared__ float part[kThreads / 32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -249,6 +265,7 @@ __global__ void __launch_bounds__(kThreads, 3)
     for (int o = 16; o; o /= 2) acc += __shfl_xor_sync(0xffffffff, acc, o);
     if (lane == 0 && row0 + r < N) y[row0 + r] = __float2bfloat16(acc * 1e-3f);
   }
+  stamp_end(stamp);
 }
 
 constexpr int kSlots = 144;  // the toy attention's filled slots
@@ -287,7 +304,7 @@ __device__ float toy_attend(const __nv_bfloat16* ks, const __nv_bfloat16* vs, co
 // Attention of one head (D 64) over kSlots slots whose K and V rows are copied into shared
 // memory before the wait; q from the QKV output; 64 outputs.
 __global__ void __launch_bounds__(kThreads) toy_attention(const __nv_bfloat16* kv, const __nv_bfloat16* qkv,
-                                                         __nv_bfloat16* out, bool early) {
+                                                         __nv_bfloat16* out, bool early, unsigned long long* stamp) {
   __shared__ __align__(16) __nv_bfloat16 ks[kSlots * 64], vs[kSlots * 64];
   const int h = blockIdx.x;
   const int4* src = reinterpret_cast<const int4*>(kv + static_cast<size_t>(h) * 2 * kSlots * 64);
@@ -300,6 +317,7 @@ __global__ void __launch_bounds__(kThreads) toy_attention(const __nv_bfloat16* k
   if (!early) pdl_launch();
   const float y = toy_attend(ks, vs, qkv, h);
   if (threadIdx.x < 64) out[h * 64 + threadIdx.x] = __float2bfloat16(y);
+  stamp_end(stamp);
 }
 
 // toy_attention, then the head's share of the wo product: the head's 64 columns of Wo (768
@@ -550,6 +568,40 @@ double time_chain(int links, const std::function<void(int, cudaStream_t)>& link)
   return ms[2] * 1e3 / 20 / links;
 }
 
+// Captures `links` calls of link(i, stream) in a graph, replays it alone 20 times, and returns
+// the mean of stamps[i] - stamps[i - 1] (each link's end less the previous one's, from the
+// stamps its kernel records) over i >= roles, by role i % roles, in us.
+std::vector<double> role_times(int links, int roles, const std::function<void(int, cudaStream_t)>& link,
+                               unsigned long long* stamps) {
+  cudaStream_t s;
+  CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < links; ++i) link(i, s);
+  CHECK(cudaStreamEndCapture(s, &g));
+  CHECK(cudaGraphInstantiate(&ge, g, 0));
+  std::vector<double> sum(roles, 0.0);
+  std::vector<int> count(roles, 0);
+  std::vector<unsigned long long> t(links);
+  for (int r = 0; r < 21; ++r) {
+    CHECK(cudaMemsetAsync(stamps, 0, links * sizeof(unsigned long long), s));
+    CHECK(cudaGraphLaunch(ge, s));
+    CHECK(cudaMemcpyAsync(t.data(), stamps, links * sizeof(unsigned long long), cudaMemcpyDeviceToHost, s));
+    CHECK(cudaStreamSynchronize(s));
+    if (r == 0) continue;  // warm-up
+    for (int i = roles; i < links; ++i) {
+      sum[i % roles] += static_cast<double>(t[i] - t[i - 1]) * 1e-3;
+      ++count[i % roles];
+    }
+  }
+  CHECK(cudaGraphExecDestroy(ge));
+  CHECK(cudaGraphDestroy(g));
+  CHECK(cudaStreamDestroy(s));
+  for (int i = 0; i < roles; ++i) sum[i] /= count[i];
+  return sum;
+}
+
 int main(int argc, char** argv) {
   // --carveout N: every kernel prefers N% of the SM's L1 / shared memory as shared memory;
   // --carveout-gemvs N: the GEMVs only (the toy attention keeps the split the driver picks).
@@ -684,32 +736,47 @@ int main(int argc, char** argv) {
                              {26, false, false}, {24, false, false}, {16, false, false}, {8, false, false},
                              {2, true, false}, {4, true, false}, {6, true, false}, {28, true, false},
                              {0, false, true}, {2, false, true}, {4, false, true}, {4, true, true}};
-    for (const auto& run : runs) {
-      const int mask = run.mask;
-      const bool pad = run.pad;
-      const size_t gemv_smem = pad ? kPad : 0;
-      const double us = time_chain(5 * kLayers, [&](int i, cudaStream_t s) {
+    // Link i of a graph of kLayers layers under run; stamps (or null): where link i records its end.
+    auto layer_link = [&](const LayerRun& run, unsigned long long* stamps) {
+      return [&, run, stamps](int i, cudaStream_t s) {
         const int l = i / 5;
         const int4* wq = layer_matrix(l, 0);
         const int4* wo = layer_matrix(l, qkv_b);
         const int4* w13 = layer_matrix(l, qkv_b + wo_b);
         const int4* w2 = layer_matrix(l, qkv_b + wo_b + w13_b);
-        const bool early = mask >> (i % 5) & 1;
+        const bool early = run.mask >> (i % 5) & 1;
+        const size_t gemv_smem = run.pad ? kPad : 0;
         const float* none = nullptr;
+        unsigned long long* stamp = stamps ? stamps + i : nullptr;
         switch (i % 5) {
-          case 0: launch_smem(toy_gemv<3, 1, true>, 288, 1, gemv_smem, s, wq, 2304, 96, static_cast<const __nv_bfloat16*>(h), kDim, qkv, early, none); break;
+          case 0: launch_smem(toy_gemv<3, 1, true>, 288, 1, gemv_smem, s, wq, 2304, 96, static_cast<const __nv_bfloat16*>(h), kDim, qkv, early, none, stamp); break;
           case 1: launch_smem(toy_attention, 12, 1, run.attn_pad ? kAttnPad : 0, s,
                               static_cast<const __nv_bfloat16*>(kv + static_cast<size_t>(l) * 12 * 2 * kSlots * 64),
-                              static_cast<const __nv_bfloat16*>(qkv), attn, early); break;
-          case 2: launch_smem(toy_gemv<3, 1, false>, 96, 1, gemv_smem, s, wo, kDim, 96, static_cast<const __nv_bfloat16*>(attn), kDim, h, early, none); break;
-          case 3: launch_smem(toy_gemv<3, 2, true>, 256, 1, gemv_smem, s, w13, 4096, 96, static_cast<const __nv_bfloat16*>(h), kDim, gu, early, none); break;
-          default: launch_smem(toy_gemv<8, 1, false>, 96, 1, gemv_smem, s, w2, kDim, 256, static_cast<const __nv_bfloat16*>(gu), kHidden, h, early, none); break;
+                              static_cast<const __nv_bfloat16*>(qkv), attn, early, stamp); break;
+          case 2: launch_smem(toy_gemv<3, 1, false>, 96, 1, gemv_smem, s, wo, kDim, 96, static_cast<const __nv_bfloat16*>(attn), kDim, h, early, none, stamp); break;
+          case 3: launch_smem(toy_gemv<3, 2, true>, 256, 1, gemv_smem, s, w13, 4096, 96, static_cast<const __nv_bfloat16*>(h), kDim, gu, early, none, stamp); break;
+          default: launch_smem(toy_gemv<8, 1, false>, 96, 1, gemv_smem, s, w2, kDim, 256, static_cast<const __nv_bfloat16*>(gu), kHidden, h, early, none, stamp); break;
         }
-      });
+      };
+    };
+    auto layer_name = [](const LayerRun& run) {
       char name[64];
-      std::snprintf(name, sizeof name, "layer, early mask %d%s%s", mask, pad ? ", pad" : "", run.attn_pad ? ", attn 96KB" : "");
-      std::printf("%-28s %8.2f\n", name, 5 * us);
+      std::snprintf(name, sizeof name, "layer, early mask %d%s%s", run.mask, run.pad ? ", pad" : "",
+                    run.attn_pad ? ", attn 96KB" : "");
+      return std::string(name);
+    };
+    for (const auto& run : runs)
+      std::printf("%-28s %8.2f\n", layer_name(run).c_str(), 5 * time_chain(5 * kLayers, layer_link(run, nullptr)));
+    // By role, as benchmarks/cuda_decode_profile.py's marginal times under PDL (a kernel's end
+    // less the previous kernel's end), over layers 1-11 of 20 single replays.
+    unsigned long long* stamps;
+    CHECK(cudaMalloc(&stamps, 5 * kLayers * sizeof(unsigned long long)));
+    for (const LayerRun& run : {LayerRun{2, false, false}, LayerRun{4, false, false}, LayerRun{4, true, true}}) {
+      const std::vector<double> us = role_times(5 * kLayers, 5, layer_link(run, stamps), stamps);
+      std::printf("%s by role (us): QKV %.2f, attention %.2f, wo %.2f, w13 %.2f, w2 %.2f\n",
+                  layer_name(run).c_str(), us[0], us[1], us[2], us[3], us[4]);
     }
+    CHECK(cudaFree(stamps));
     // attention and wo as one kernel (the head's share of wo, summed by the w13 GEMV's
     // staging): 4 kernels a layer. Masks: bit 1 QKV, 2 attention+wo, 4 w13, 8 w2.
     CHECK(cudaFuncSetAttribute(toy_attention_wo, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kAttnWoSmem)));
@@ -733,19 +800,19 @@ int main(int argc, char** argv) {
         const bool early = (mask % 100) >> (i % 4) & 1;
         switch (i % 4) {
           case 0: launch(toy_gemv<3, 1, true>, 288, 1, s, wq, 2304, 96, static_cast<const __nv_bfloat16*>(h), kDim, qkv, early,
-                         static_cast<const float*>(nullptr)); break;
+                         static_cast<const float*>(nullptr), static_cast<unsigned long long*>(nullptr)); break;
           case 1: launch_smem(toy_attention_wo, 12, 1, kAttnWoSmem, s, static_cast<const __nv_bfloat16*>(kv + static_cast<size_t>(l) * 12 * 2 * kSlots * 64),
                               static_cast<const __nv_bfloat16*>(qkv), wo, parts, early, last_sums ? combine : nullptr, h); break;
           case 2:
             if (last_sums)
               launch(toy_gemv<3, 2, true>, 256, 1, s, w13, 4096, 96, static_cast<const __nv_bfloat16*>(h), kDim, gu_h, early,
-                     static_cast<const float*>(nullptr));
+                     static_cast<const float*>(nullptr), static_cast<unsigned long long*>(nullptr));
             else
               launch(toy_gemv<3, 2, true, 12>, 256, 1, s, w13, 4096, 96, static_cast<const __nv_bfloat16*>(h), kDim, gu_h, early,
-                     static_cast<const float*>(parts));
+                     static_cast<const float*>(parts), static_cast<unsigned long long*>(nullptr));
             break;
           default: launch(toy_gemv<8, 1, false>, 96, 1, s, w2, kDim, 256, static_cast<const __nv_bfloat16*>(gu_h), kHidden, h, early,
-                          static_cast<const float*>(nullptr)); break;
+                          static_cast<const float*>(nullptr), static_cast<unsigned long long*>(nullptr)); break;
         }
       });
       char name[64];
