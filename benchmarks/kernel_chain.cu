@@ -536,68 +536,68 @@ void launch(Kernel k, int grid, int cluster, cudaStream_t s, Args... args) {
   launch_smem(k, grid, cluster, 0, s, args...);
 }
 
-// Captures `links` calls of link(i, stream) in a graph and returns us per link (median of 5
-// timings of 20 replays each).
-double time_chain(int links, const std::function<void(int, cudaStream_t)>& link) {
+// `links` calls of link(i, stream) captured in a graph, instantiated, with its own stream.
+struct ChainGraph {
   cudaStream_t s;
-  CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-  cudaGraph_t g;
   cudaGraphExec_t ge;
-  CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-  for (int i = 0; i < links; ++i) link(i, s);
-  CHECK(cudaStreamEndCapture(s, &g));
-  CHECK(cudaGraphInstantiate(&ge, g, 0));
-  for (int i = 0; i < 3; ++i) CHECK(cudaGraphLaunch(ge, s));
+  ChainGraph(int links, const std::function<void(int, cudaStream_t)>& link) {
+    CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    cudaGraph_t g;
+    CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    for (int i = 0; i < links; ++i) link(i, s);
+    CHECK(cudaStreamEndCapture(s, &g));
+    CHECK(cudaGraphInstantiate(&ge, g, 0));
+    CHECK(cudaGraphDestroy(g));
+  }
+  ~ChainGraph() {
+    CHECK(cudaGraphExecDestroy(ge));
+    CHECK(cudaStreamDestroy(s));
+  }
+};
+
+// us per link of the chain's graph (median of 5 timings of 20 replays each).
+double time_chain(int links, const std::function<void(int, cudaStream_t)>& link) {
+  ChainGraph chain(links, link);
+  for (int i = 0; i < 3; ++i) CHECK(cudaGraphLaunch(chain.ge, chain.s));
   cudaEvent_t a, b;
   CHECK(cudaEventCreate(&a));
   CHECK(cudaEventCreate(&b));
   std::vector<float> ms;
   for (int t = 0; t < 5; ++t) {
-    CHECK(cudaEventRecord(a, s));
-    for (int r = 0; r < 20; ++r) CHECK(cudaGraphLaunch(ge, s));
-    CHECK(cudaEventRecord(b, s));
+    CHECK(cudaEventRecord(a, chain.s));
+    for (int r = 0; r < 20; ++r) CHECK(cudaGraphLaunch(chain.ge, chain.s));
+    CHECK(cudaEventRecord(b, chain.s));
     CHECK(cudaEventSynchronize(b));
     float m;
     CHECK(cudaEventElapsedTime(&m, a, b));
     ms.push_back(m);
   }
   std::sort(ms.begin(), ms.end());
-  CHECK(cudaGraphExecDestroy(ge));
-  CHECK(cudaGraphDestroy(g));
-  CHECK(cudaStreamDestroy(s));
+  CHECK(cudaEventDestroy(a));
+  CHECK(cudaEventDestroy(b));
   return ms[2] * 1e3 / 20 / links;
 }
 
-// Captures `links` calls of link(i, stream) in a graph, replays it alone 20 times, and returns
-// the mean of stamps[i] - stamps[i - 1] (each link's end less the previous one's, from the
-// stamps its kernel records) over i >= roles, by role i % roles, in us.
+// The chain's graph replayed alone 20 times (after one warm-up): the mean of stamps[i] -
+// stamps[i - 1] (each link's end less the previous one's, from the stamps its kernel records)
+// over i >= roles, by role i % roles, in us.
 std::vector<double> role_times(int links, int roles, const std::function<void(int, cudaStream_t)>& link,
                                unsigned long long* stamps) {
-  cudaStream_t s;
-  CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-  cudaGraph_t g;
-  cudaGraphExec_t ge;
-  CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-  for (int i = 0; i < links; ++i) link(i, s);
-  CHECK(cudaStreamEndCapture(s, &g));
-  CHECK(cudaGraphInstantiate(&ge, g, 0));
+  ChainGraph chain(links, link);
   std::vector<double> sum(roles, 0.0);
   std::vector<int> count(roles, 0);
   std::vector<unsigned long long> t(links);
   for (int r = 0; r < 21; ++r) {
-    CHECK(cudaMemsetAsync(stamps, 0, links * sizeof(unsigned long long), s));
-    CHECK(cudaGraphLaunch(ge, s));
-    CHECK(cudaMemcpyAsync(t.data(), stamps, links * sizeof(unsigned long long), cudaMemcpyDeviceToHost, s));
-    CHECK(cudaStreamSynchronize(s));
-    if (r == 0) continue;  // warm-up
+    CHECK(cudaMemsetAsync(stamps, 0, links * sizeof(unsigned long long), chain.s));
+    CHECK(cudaGraphLaunch(chain.ge, chain.s));
+    CHECK(cudaMemcpyAsync(t.data(), stamps, links * sizeof(unsigned long long), cudaMemcpyDeviceToHost, chain.s));
+    CHECK(cudaStreamSynchronize(chain.s));
+    if (r == 0) continue;
     for (int i = roles; i < links; ++i) {
       sum[i % roles] += static_cast<double>(t[i] - t[i - 1]) * 1e-3;
       ++count[i % roles];
     }
   }
-  CHECK(cudaGraphExecDestroy(ge));
-  CHECK(cudaGraphDestroy(g));
-  CHECK(cudaStreamDestroy(s));
   for (int i = 0; i < roles; ++i) sum[i] /= count[i];
   return sum;
 }
