@@ -74,10 +74,14 @@ if [[ $what == *tests* || $what == all ]]; then
   # TESTS: pytest arguments in place of the CUDA-relevant test files (paths from the repo root).
   # TESTS_K: a pytest -k expression, e.g. "not variant and not linear_kernel and not unfused"
   # leaves out the tests that rerun others under an opt-in switch in subprocesses.
+  # TESTS_SETTING: a setting (as for bench_settings) to run pytest under, e.g.
+  # BABYRT_CARVEOUT=100,BABYRT_ATTN_LINEAR=1 (the reruns then skip); TESTS may hold pytest
+  # options too, e.g. "--timeout=60 -o timeout_method=thread tests/test_ops.py" (pytest-timeout: a hung test ends
+  # the run with every thread's stack).
   tests=(tests/test_cuda.py tests/test_batch.py tests/test_parity.py tests/test_ops.py
          tests/test_quantize.py tests/test_hardening.py)
   [[ -n ${TESTS:-} ]] && read -ra tests <<< "$TESTS"
-  timeout ${TESTS_TIMEOUT:-480} python3 -m pytest -q -p no:cacheprovider --durations=25 ${TESTS_K:+-k "$TESTS_K"} "${tests[@]/#tests\//$repo/tests/}" > "$OUT/pytest.log" 2>&1
+  with_setting "${TESTS_SETTING:-none}" timeout ${TESTS_TIMEOUT:-480} python3 -m pytest -q -p no:cacheprovider --durations=25 ${TESTS_K:+-k "$TESTS_K"} "${tests[@]/#tests\//$repo/tests/}" > "$OUT/pytest.log" 2>&1
   echo "pytest exit $?"; grep -E "passed|failed|Fatal|Segmentation|File \"$repo" "$OUT/pytest.log" | tail -15
 fi
 if [[ -n ${sweep_pid:-} ]]; then
@@ -139,7 +143,8 @@ fi
 if [[ $what == *profile* ]]; then
   for shape in ${BENCH_SHAPES:-stories15M stories110M 1b-gqa}; do
     for q in "" "--quantize int8"; do
-      BABYRT_PDL=${PROFILE_PDL:-0} timeout 120 python3 "$repo/benchmarks/cuda_decode_profile.py" --shape $shape $q \
+      # PROFILE_SETTING: a setting to profile under (as for bench_settings).
+      with_setting "${PROFILE_SETTING:-none}" env BABYRT_PDL=${PROFILE_PDL:-0} timeout 120 python3 "$repo/benchmarks/cuda_decode_profile.py" --shape $shape $q \
         --cache-dir "$cache" --json "$OUT/profile_${shape}${q:+_int8}.json" 2>&1 | grep -v Warning
     done
   done
