@@ -1,8 +1,10 @@
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -74,21 +76,39 @@ def corpus_file(tmp_path_factory, corpus_text) -> Path:
 class Rerun:
     """pytest -k `select` on `path` in a fresh process with `env` set: the kernels read their
     switches (BABYRT_GEMV, BABYRT_CPU_ISA, ...) once per process. It starts at once and
-    result() waits for it, so that several reruns can overlap."""
+    result() waits for it, so that several reruns can overlap. One still running
+    BABYRT_RERUN_TIMEOUT seconds (default 600) after its start is ended with SIGABRT, which
+    pytest's faulthandler answers with every thread's stack, so that a hang fails its test
+    with where it hung instead of holding up the suite."""
 
     def __init__(self, env: dict, path, select: str):
         self._log = tempfile.TemporaryFile(mode="w+")  # a file: no pipe to fill while others run
         self._tmp = tempfile.TemporaryDirectory(prefix="babyrt-rerun-")  # its own, beside others
+        self._deadline = time.monotonic() + float(os.environ.get("BABYRT_RERUN_TIMEOUT", "600"))
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
              f"--basetemp={self._tmp.name}/t", str(path), "-k", select],
             env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT, text=True)
 
     def result(self) -> tuple[int, str]:
-        """Its exit status and output, once it has ended."""
-        code = self._proc.wait()
+        """Its exit status and output, once it has ended (or been ended at its deadline)."""
+        ended = False
+        try:
+            code = self._proc.wait(timeout=max(self._deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            ended = True
+            self._proc.send_signal(signal.SIGABRT)
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+            code = self._proc.wait()
         self._log.seek(0)
-        return code, self._log.read()
+        out = self._log.read()
+        if ended:  # the stacks without pytest's own frames, so that the hung test's stay in view
+            out = "\n".join(line for line in out.splitlines() if "/_pytest/" not in line and "/pluggy/" not in line)
+            out += "\n(rerun ended at its deadline: BABYRT_RERUN_TIMEOUT)"
+        return code, out
 
     def stop(self):
         if self._proc.poll() is None:

@@ -148,7 +148,7 @@ def cuda_reruns(request):
 def assert_reruns_pass(request, cuda_reruns):
     for r in cuda_reruns[request.node.get_closest_marker("rerun").args[0]]:
         code, out = r.result()
-        assert code == 0, out[-3000:]
+        assert code == 0, out[-6000:]  # room for the stacks of a rerun ended at its deadline
 
 
 def rerun(setting: str, id: str):
@@ -486,6 +486,20 @@ def test_every_cpu_kernel_variant(isa):
     finally:
         run.stop()  # its log file and temporary directory
     assert code == 0, out[-3000:]
+
+
+def test_rerun_past_its_deadline_fails_with_its_stack(tmp_path, monkeypatch):
+    """A rerun that hangs (a kernel that never returns, say) is ended at its deadline and fails
+    its test with the hung test's stack, instead of holding up the suite."""
+    (tmp_path / "test_hangs.py").write_text("import time\n\ndef test_hangs():\n    time.sleep(120)\n")
+    monkeypatch.setenv("BABYRT_RERUN_TIMEOUT", "3")
+    run = Rerun({}, tmp_path / "test_hangs.py", "hangs")
+    try:
+        code, out = run.result()
+    finally:
+        run.stop()
+    assert code != 0 and out.endswith("(rerun ended at its deadline: BABYRT_RERUN_TIMEOUT)")
+    assert 'test_hangs.py", line 4 in test_hangs' in out  # where it hung
 
 
 def test_cpu_isa_cap_is_obeyed():
