@@ -75,9 +75,9 @@ if [[ $what == *tests* || $what == all ]]; then
   # TESTS_K: a pytest -k expression, e.g. "not variant and not linear_kernel and not unfused"
   # leaves out the tests that rerun others under an opt-in switch in subprocesses.
   # TESTS_SETTING: a setting (as for bench_settings) to run pytest under, e.g.
-  # BABYRT_CARVEOUT=100,BABYRT_ATTN_LINEAR=1 (the reruns then skip); TESTS may hold pytest
-  # options too, e.g. "--timeout=60 -o timeout_method=thread tests/test_ops.py" (pytest-timeout: a hung test ends
-  # the run with every thread's stack).
+  # BABYRT_CARVEOUT=100,BABYRT_ATTN_LINEAR=1 (the reruns then skip). TESTS may hold pytest
+  # options too, e.g. "--timeout=60 -o timeout_method=thread tests/test_ops.py" (pytest-timeout:
+  # a hung test ends the run with every thread's stack).
   tests=(tests/test_cuda.py tests/test_batch.py tests/test_parity.py tests/test_ops.py
          tests/test_quantize.py tests/test_hardening.py)
   [[ -n ${TESTS:-} ]] && read -ra tests <<< "$TESTS"

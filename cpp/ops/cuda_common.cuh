@@ -116,11 +116,11 @@ inline int env_count(const char* name) {
 // copies before the PDL wait) wait for the GEMV's to leave. Opt-in, read once per kernel:
 // BABYRT_CARVEOUT=N, kernels prefer N% shared memory (100: one split) but those whose (mangled)
 // names contain one of BABYRT_CARVEOUT_SKIP's ':'-separated shell patterns (default
-// gemv_rowbuf: the int8 row-buffer GEMVs keep the driver's split, since under one split the wo
-// row-buffer GEMV lands its blocks beside attention's and 1B int8 lost 4.5%; empty: none; e.g.
-// gemv_rowbuf*ActE0, the row-buffer GEMVs without RMSNorm or SwiGLU staging). H200, bf16 / int8
-// tok/s, one build: stories110M 4,584 / 5,923-5,963 -> 4,732 / 5,949, 1B 1,124-1,128 /
-// 1,867-1,873 -> 1,182 / 1,879, stories15M 11,215-11,411 / 13,356-13,591 -> 11,361 / 13,519.
+// gemv_rowbuf: the int8 row-buffer GEMVs keep the driver's split; under one split 1B int8 lost
+// 4.5%, attention left out of it or not; empty: none; e.g. gemv_rowbuf*ActE0, the row-buffer
+// GEMVs without RMSNorm or SwiGLU staging). H200, bf16 / int8 tok/s, one build: stories110M
+// 4,584 / 5,923-5,963 -> 4,732 / 5,949, 1B 1,124-1,128 / 1,867-1,873 -> 1,182 / 1,879,
+// stories15M 11,215-11,411 / 13,356-13,591 -> 11,361 / 13,519.
 // Not the default: as the default, the reruns under BABYRT_ATTN_LINEAR=1 did not finish
 // (docs/cuda-decode.md, twentieth session). BABYRT_SMEM_FLOOR=BYTES: every launch takes at
 // least that much dynamic shared memory.
