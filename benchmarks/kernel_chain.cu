@@ -42,7 +42,8 @@
 //               into registers at the phase's start, before the wait for x
 // Build: nvcc -O3 -std=c++17 -arch=sm_90a benchmarks/kernel_chain.cu -o kernel_chain
 // Run: ./kernel_chain [--no-pdl] [--carveout PERCENT | --carveout-gemvs PERCENT]
-// (tools/gpu_check.sh chain: with and without PDL, and with all shared memory preferred). H200, fifteenth session (docs/cuda-decode.md has the table): a link of 132
+// (tools/gpu_check.sh chain: with PDL, and with all shared memory preferred, for every kernel
+// or the GEMVs only). H200, fifteenth session (docs/cuda-decode.md has the table): a link of 132
 // blocks 1.03 us under PDL, a second dependent load +0.13 us, the GEMV 2.84 us; after the GEMV
 // a plain kernel adds 1.07 us, one with 100 KB of shared memory 1.3, one in clusters 1.6-1.9.
 // Nineteenth session: the toy layer 16.7 us (mask 2) -> 12.9 with "pad" and 12.8 with

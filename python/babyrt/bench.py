@@ -49,10 +49,11 @@ def _source_hash() -> str:
 def shape_artifacts(shape: str, context: int, dtype: str, quants: list, out_dir, model=None) -> list:
     """(name, path) of --shape's artifacts, one per quantization in quants (None: dtype
     weights), in out_dir: exported from the random-weight model (seed 0; model, if the caller
-    has built it already), or found there from an earlier call. A directory's name carries the shape, context, variant and a hash of
-    babyrt's Python source, so that a cache dir never serves a module that other code exported
-    (each is exported beside it, then renamed into place: written whole or not at all, and the
-    first of two runs that export it at once is the one kept)."""
+    has built it already), or found there from an earlier call. A directory's name carries the
+    shape, context, variant and a hash of babyrt's Python source, so that a cache dir never
+    serves a module that other code exported (each is exported beside it, then renamed into
+    place: written whole or not at all, and the first of two runs that export it at once is the
+    one kept)."""
     from .export import export_model
 
     out_dir, found, source = Path(out_dir), [], _source_hash()
